@@ -1,0 +1,293 @@
+"""Run configuration: presets, dotted overrides, validation, and sizing arithmetic.
+
+One validated `RunSpec` is the single source of truth a worker reads (`runs/<run>/config.yaml`).
+This module imports no torch, so the CLI can resolve and print configs instantly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CORPUS = CONFIGS_DIR / "data" / "shakespeare.jsonl"
+
+
+class ConfigError(ValueError):
+    """A config or override the user typed is wrong; the message says what and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Llama-style decoder shape."""
+
+    vocab_size: int = Field(gt=0, le=1 << 20)
+    d_model: int = Field(gt=0, le=1 << 16)
+    n_layers: int = Field(gt=0, le=1024)
+    n_heads: int = Field(gt=0, le=1024)
+    n_kv_heads: int = Field(gt=0, le=1024)
+    d_ff: int = Field(gt=0, le=1 << 18, description="SwiGLU hidden width")
+    seq_len: int = Field(gt=1, le=1 << 20, description="context length trained on")
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0, lt=1)
+    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even (rotary embeddings)")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class TrainConfig(_Strict):
+    """Optimisation, schedule, evaluation and checkpoint cadence."""
+
+    steps: int = Field(gt=0, le=10**9)
+    global_batch_tokens: int = Field(gt=0, le=1 << 30, description="tokens per optimizer step, all ranks")
+    micro_batch_size: int = Field(gt=0, le=4096, description="sequences per forward pass per rank")
+    lr: float = Field(gt=0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr")
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0, le=10)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+    seed: int = Field(1337, ge=0, lt=2**63)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(8, gt=0, le=100000)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(3, gt=0, le=1000)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA")
+    compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
+    async_checkpoint: bool = Field(True, description="write checkpoints in a background thread")
+
+
+class DataConfig(_Strict):
+    """Where training text comes from and how it is split; `path` is the staged copy."""
+
+    dataset: str = Field(str(DEFAULT_CORPUS), min_length=1, description="hub id, file or folder")
+    text_field: str = Field("text", min_length=1)
+    tokenizer: str = Field("train", min_length=1, description="'train' or a path to tokenizer.json")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    shard_tokens: int = Field(1 << 24, gt=1024, le=1 << 32)
+    max_tokens: int | None = Field(None, gt=0)
+    path: str | None = Field(None, description="staged dataset (folder or URI with manifest.json)")
+
+
+class WandbConfig(_Strict):
+    enabled: bool = False
+    project: str = Field("lmctl", min_length=1)
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline"] = Field("auto", description="auto: offline without a key")
+
+
+class RunSpec(_Strict):
+    """Everything a worker needs to train, resolved and validated."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig = DataConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> RunSpec:
+        t, m = self.train, self.model
+        per_micro = m.seq_len * t.micro_batch_size
+        if t.global_batch_tokens % per_micro:
+            raise ValueError(
+                f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of "
+                f"model.seq_len x train.micro_batch_size = {per_micro}"
+            )
+        return self
+
+    @property
+    def global_batch_seqs(self) -> int:
+        return self.train.global_batch_tokens // self.model.seq_len
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step on each rank; raises ConfigError if the batch does not split."""
+        seqs = self.global_batch_seqs
+        if seqs % (world_size * self.train.micro_batch_size):
+            raise ConfigError(
+                f"global batch of {seqs} sequences does not split over {world_size} workers x "
+                f"micro_batch_size {self.train.micro_batch_size}; choose train.global_batch_tokens "
+                f"as a multiple of {world_size * self.train.micro_batch_size * self.model.seq_len}"
+            )
+        return seqs // (world_size * self.train.micro_batch_size)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- presets and overrides
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """Raw dict of a preset: a name from configs/ or a path to a YAML file."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = CONFIGS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file() or "/" in name_or_path or "\\" in name_or_path:
+            raise ConfigError(
+                f"unknown preset {name_or_path!r}: use one of {', '.join(preset_names())} or a path to a .yaml file"
+            )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(RunSpec.model_fields)}")
+    return raw
+
+
+def _fields_of(model: type[BaseModel]) -> dict[str, Any]:
+    return {name: f.annotation for name, f in model.model_fields.items()}
+
+
+def all_keys(model: type[BaseModel] = RunSpec, prefix: str = "") -> list[str]:
+    """Every dotted key an override may set."""
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', '3e-4' parsed as YAML); unknown keys rejected with suggestions."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.steps=1000")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    known = all_keys()
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
+        raise ConfigError(f"unknown override key {key!r}{hint}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, (dict, list)):
+        parsed = value  # a scalar field never takes a structure; let validation name the type
+    return key, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, field = key.partition(".")
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][field] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][0] if len(e["loc"]) > 1 else None
+            known = [k for k in all_keys() if section is None or k.startswith(f"{section}.")]
+            msg = f"unknown key; allowed: {', '.join(known)}"
+        elif "input" in e and not isinstance(e["input"], dict) and e["type"] != "missing":
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(parts)
+
+
+def validate(raw: dict[str, Any]) -> RunSpec:
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def resolve(preset: str, overrides: list[str] | None = None) -> RunSpec:
+    """Preset name or path + ['key=value', ...] -> validated RunSpec."""
+    return validate(apply_overrides(load_preset(preset), overrides or []))
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    """Read a resolved config.yaml (what workers do)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return validate(raw)
+
+
+# ---------------------------------------------------------------- sizing arithmetic (no torch)
+
+
+def _layer_matmul_params(m: ModelConfig) -> int:
+    kv = m.n_kv_heads * m.head_dim
+    attn = 2 * m.d_model * m.d_model + 2 * m.d_model * kv  # wq, wo, wk, wv
+    return attn + 3 * m.d_model * m.d_ff  # + SwiGLU gate, up, down
+
+
+def param_count(m: ModelConfig) -> int:
+    """Exact number of parameters of model.decoder.Decoder built from `m`."""
+    embed = m.vocab_size * m.d_model
+    head = 0 if m.tie_embeddings else embed
+    norms = (2 * m.n_layers + 1) * m.d_model
+    return embed + head + norms + m.n_layers * _layer_matmul_params(m)
+
+
+def matmul_params(m: ModelConfig) -> int:
+    """Parameters used in a matmul per token: the layers plus the output projection.
+
+    The input embedding is a lookup, not a matmul; the output projection counts even when it is
+    tied to the embedding, because it is a real matmul every token.
+    """
+    return m.n_layers * _layer_matmul_params(m) + m.vocab_size * m.d_model
+
+
+def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM appendix B), N = matmul_params."""
+    t = seq_len or m.seq_len
+    return 6 * matmul_params(m) + 12 * m.n_layers * m.n_heads * m.head_dim * t
+
+
+def human(n: float) -> str:
+    """12_345_678 -> '12.3M'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}" if math.isfinite(n) else str(n)

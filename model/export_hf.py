@@ -1,0 +1,129 @@
+"""Export a Decoder state_dict as a Hugging Face Llama checkpoint (no transformers import needed).
+
+Our rotary convention is HF's, so the export is a rename plus splitting the fused q/k/v and
+gate/up projections. The files are written into a temporary folder next to `out_dir` and renamed
+into place at the end, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from model.config import ModelConfig
+
+EOT = "<|endoftext|>"
+_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP
+
+
+def _strip_prefixes(key: str) -> str:
+    while key.startswith(_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameter names and fused layouts -> HF LlamaForCausalLM names, contiguous CPU tensors."""
+    sd = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = sd[ours + "attn.qkv_proj.weight"].split((q_rows, kv_rows, kv_rows))
+        gate, up = sd[ours + "mlp.gate_up_proj.weight"].chunk(2)
+        out |= {
+            hf + "self_attn.q_proj.weight": q,
+            hf + "self_attn.k_proj.weight": k,
+            hf + "self_attn.v_proj.weight": v,
+            hf + "self_attn.o_proj.weight": sd[ours + "attn.o_proj.weight"],
+            hf + "mlp.gate_proj.weight": gate,
+            hf + "mlp.up_proj.weight": up,
+            hf + "mlp.down_proj.weight": sd[ours + "mlp.down_proj.weight"],
+            hf + "input_layernorm.weight": sd[ours + "attn_norm.weight"],
+            hf + "post_attention_layernorm.weight": sd[ours + "mlp_norm.weight"],
+        }
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, eot_id: int | None) -> dict:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers < 5 reads this, 5.x reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "use_cache": True,
+        "torch_dtype": dtype_name,  # transformers < 5
+        "dtype": dtype_name,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export_hf(
+    state_dict: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: Path,
+    tokenizer_json: Path | None = None,
+    eot_id: int | None = None,
+) -> Path:
+    """Write config.json, model.safetensors, generation_config.json (+ tokenizer files) to out_dir."""
+    out_dir = Path(out_dir)
+    tensors = hf_state_dict(state_dict, cfg)
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config(cfg, dtype, eot_id))
+        _write_json(tmp / "generation_config.json", {"bos_token_id": eot_id, "eos_token_id": eot_id})
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+            tok_cfg = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": EOT,
+                "eos_token": EOT,
+                "unk_token": EOT,
+                "model_max_length": cfg.seq_len,
+                "clean_up_tokenization_spaces": False,
+            }
+            _write_json(tmp / "tokenizer_config.json", tok_cfg)
+        if out_dir.exists():  # replace a previous export: move it aside, put the new one in place, drop the old
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,48 @@
+"""AdamW with the usual no-decay split, and the learning-rate schedules as pure functions of step.
+
+A schedule that is a pure function of the step makes resuming exact with nothing to restore.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import TrainConfig
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    min_lr = t.lr * t.min_lr_ratio
+    if t.schedule == "cosine":
+        span = max(1, t.steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return min_lr + (t.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # wsd: hold the peak, then decay linearly to min_lr over the last decay_fraction of training
+    decay_steps = max(1, round(t.steps * t.decay_fraction))
+    decay_start = t.steps - decay_steps
+    if step < decay_start:
+        return t.lr
+    progress = min(1.0, (step - decay_start) / decay_steps)
+    return t.lr + (min_lr - t.lr) * progress
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms (1-D) do not. Fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device_type == "cuda" or None
+    )
+
+
+def build_scheduler(opt: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, t) / t.lr)

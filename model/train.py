@@ -1,0 +1,384 @@
+"""The training loop: one function for a plain process, torchrun, and every Ray Train worker.
+
+    python -m model.train --preset tiny --run-dir runs/plain        # one process, prepares data itself
+    python -m model.train --config runs/x/config.yaml --run-dir runs/x
+    torchrun --nproc_per_node 2 -m model.train --config ... --run-dir ...
+
+On start it resumes from the newest committed checkpoint under <run-dir>/checkpoints by itself,
+so whoever restarts a run (lmctl resume, Ray's FailureConfig, SkyPilot recovery) takes the same path.
+The batch of step s depends only on (seed, s, global batch), so resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from model.checkpoint import Checkpointer, rng_state, set_rng_state
+from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resolve
+from model.data import BatchLoader, TokenDataset, eval_batches
+from model.decoder import Decoder
+from model.hardware import peak_flops
+from model.metrics import MetricsLogger
+from model.optim import build_optimizer, build_scheduler, lr_at
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    loss: float | None  # last logged training loss
+    val_loss: float | None  # last evaluation
+    stopped: bool  # True when asked to stop before the last step
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None = None) -> Dist:
+    """Join the process group Ray/torchrun prepared (or make one from torchrun's env); else single process."""
+    want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return Dist(rank, world, local_rank, dev)
+
+
+def _all_reduce_mean(values: list[float], d: Dist) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    if d.world_size > 1:
+        dist.all_reduce(t)
+        t /= d.world_size
+    return t.tolist()
+
+
+def _any_rank(flag: bool, d: Dist) -> bool:
+    """True when any rank raised the flag, so every rank stops at the same step."""
+    if d.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def wrap_model(model: Decoder, spec: RunSpec, d: Dist, bf16: bool) -> nn.Module:
+    """Activation checkpointing, then FSDP2 or DDP, then torch.compile, as the config asks."""
+    if spec.train.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    if spec.train.parallel == "fsdp" and d.world_size > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kw = {"mp_policy": mp} if mp else {}
+        for block in model.layers:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        wrapped: nn.Module = model
+    elif d.world_size > 1:
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    else:
+        wrapped = model
+    if spec.train.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def _no_sync(wrapped: nn.Module, raw: Decoder, last_micro: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    if last_micro:
+        return contextlib.nullcontext()
+    inner = getattr(wrapped, "_orig_mod", wrapped)
+    if isinstance(inner, nn.parallel.DistributedDataParallel):
+        return inner.no_sync()
+    if hasattr(raw, "set_requires_gradient_sync"):  # FSDP2
+        raw.set_requires_gradient_sync(False)
+        return _ResyncOnExit(raw)
+    return contextlib.nullcontext()
+
+
+class _ResyncOnExit(contextlib.AbstractContextManager):
+    def __init__(self, module):
+        self.module = module
+
+    def __exit__(self, *exc):
+        self.module.set_requires_gradient_sync(True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, autocast) -> float:
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast():
+            _, loss = model(x, y)
+        total += loss.item()
+    model.train()
+    return total / max(1, len(batches))
+
+
+# Full (unsharded) state on CPU: one checkpoint format whatever the parallelism or world size.
+SAVE_OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def train(
+    spec: RunSpec,
+    run_dir: str | Path,
+    *,
+    device: str | None = None,
+    stop_at: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train `spec` in `run_dir`, resuming from its newest committed checkpoint.
+
+    stop_at: stop (with a checkpoint) once this many steps are done, as if asked to stop.
+    should_stop: polled every step (e.g. SIGTERM seen); any rank asking stops all ranks, after a checkpoint.
+    on_log: called on every rank with each logged record (Ray reports through this).
+    """
+    run_dir = Path(run_dir)
+    t, m = spec.train, spec.model
+    if not spec.data.path:
+        raise ConfigError("data.path is not set: stage the dataset first (it must point at a manifest.json folder)")
+    d = setup_distributed(device)
+    if d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
+    autocast = (
+        (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16))
+        if bf16 and t.parallel != "fsdp"
+        else contextlib.nullcontext
+    )
+
+    # Model, built identically on every rank from the seed, then (maybe) replaced by the checkpoint.
+    torch.manual_seed(t.seed)
+    raw = Decoder(m).to(d.device)
+    model = wrap_model(raw, spec, d, bf16)
+    opt = build_optimizer(raw, t, d.device.type)
+    sched = build_scheduler(opt, t)
+
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+    start_step = 0
+    loaded = ckpt.load()
+    if loaded is not None:
+        state, meta = loaded
+        _check_compatible(spec, meta)
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(raw, state["model"], options=opts)
+        set_optimizer_state_dict(raw, opt, state["optim"], options=opts)
+        sched.load_state_dict(state["sched"])
+        set_rng_state(state["rng"])
+        start_step = int(meta["step"])
+        if d.main:
+            print(f"resumed from checkpoint at step {start_step}", flush=True)
+
+    train_data = TokenDataset(spec.data.path, "train", m.seq_len)
+    val_data = TokenDataset(spec.data.path, "val", m.seq_len)
+    loader = BatchLoader(
+        train_data, spec.global_batch_seqs, t.micro_batch_size, d.rank, d.world_size, t.seed, d.device
+    )
+    val_batches = eval_batches(val_data, t.eval_batches, t.micro_batch_size, d.rank, d.world_size, d.device)
+    accum = loader.grad_accum
+
+    run_id = run_dir.resolve().name
+    metrics = MetricsLogger(run_dir, spec, run_id, start_step, enabled=d.main)
+    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
+    fpt = flops_per_token(m)
+    meta_base = {
+        "config": spec.model_dump(mode="json"),
+        "data": {"path": spec.data.path, "tokenizer_sha256": train_data.manifest.tokenizer_sha256},
+        "world_size": d.world_size,
+    }
+
+    def save(step: int) -> None:
+        need_all_ranks = spec.train.parallel == "fsdp" and d.world_size > 1
+        if not (d.main or need_all_ranks):
+            return
+        state = {
+            "model": get_model_state_dict(raw, options=SAVE_OPTIONS),
+            "optim": get_optimizer_state_dict(raw, opt, options=SAVE_OPTIONS),
+            "sched": sched.state_dict(),
+            "rng": rng_state(),
+        }
+        if d.main:
+            tokens = step * t.global_batch_tokens
+            ckpt.save(step, state, {**meta_base, "step": step, "tokens": tokens})
+
+    stop_requested = False
+    last_loss = last_val = None
+    step = start_step
+    tick, tick_step = time.perf_counter(), start_step
+    model.train()
+    try:
+        while step < t.steps:
+            loss_sum = 0.0
+            for i, (x, y) in enumerate(loader.micro_batches(step)):
+                with _no_sync(model, raw, last_micro=i == accum - 1):
+                    with autocast():
+                        _, loss = model(x, y)
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = (
+                nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip)
+                if t.grad_clip > 0
+                else _grad_norm(raw)
+            )
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+
+            log_now = step % t.log_every == 0 or step == t.steps
+            if log_now:
+                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                loss_val, gn_val = _all_reduce_mean([float(loss_sum) / accum, float(gn)], d)
+                now = time.perf_counter()
+                tok_s = (step - tick_step) * t.global_batch_tokens / max(now - tick, 1e-9)
+                tick, tick_step = now, step
+                rec = {
+                    "step": step,
+                    "loss": loss_val,
+                    "lr": lr,
+                    "grad_norm": gn_val,
+                    "tokens": step * t.global_batch_tokens,
+                    "tokens_per_s": tok_s,
+                    "mfu": tok_s * fpt / (peak * d.world_size) if peak else None,
+                }
+                last_loss = loss_val
+                metrics.log(rec)
+                if on_log:
+                    on_log(rec)
+            if step % t.eval_every == 0 or step == t.steps:
+                (last_val,) = _all_reduce_mean([evaluate(model, val_batches, autocast)], d)
+                rec = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0))}
+                metrics.log(rec)
+                if on_log:
+                    on_log(rec)
+            asked = (stop_at is not None and step >= stop_at) or bool(should_stop and should_stop())
+            stop_requested = _any_rank(asked, d) and step < t.steps
+            if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
+                save(step)
+            if stop_requested:
+                break
+    finally:
+        ckpt.close()
+        metrics.close()
+    return TrainResult(step=step, loss=last_loss, val_loss=last_val, stopped=stop_requested)
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
+
+
+def _check_compatible(spec: RunSpec, meta: dict) -> None:
+    """A checkpoint of another model shape cannot be resumed; a changed batch would change the data order."""
+    saved = meta.get("config", {})
+    if saved.get("model") and saved["model"] != spec.model.model_dump(mode="json"):
+        raise ConfigError("the checkpoint was trained with a different model config; start a new run instead")
+    saved_batch = saved.get("train", {}).get("global_batch_tokens")
+    if saved_batch and saved_batch != spec.train.global_batch_tokens:
+        print(
+            f"warning: global_batch_tokens changed from {saved_batch} to {spec.train.global_batch_tokens}; "
+            "the data order after the resume point differs from the original run",
+            file=sys.stderr,
+        )
+
+
+def prepare_local_data(spec: RunSpec, run_dir: Path) -> RunSpec:
+    """For a plain process without staging: tokenize `data.dataset` (a jsonl file) into run_dir/data once."""
+    from model.shards import prepare_dataset, read_jsonl_texts
+    from model.tokenizer import Tokenizer
+
+    out = run_dir / "data"
+    if not (out / "manifest.json").exists():
+        texts = list(read_jsonl_texts(spec.data.dataset, spec.data.text_field))
+        if spec.data.tokenizer == "train":
+            tok = Tokenizer.train(texts, spec.model.vocab_size)
+        else:
+            tok = Tokenizer.load(spec.data.tokenizer)
+        prepare_dataset(texts, tok, out, spec.data.shard_tokens, spec.data.val_fraction, spec.data.dataset)
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"path": str(out)})})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="resolved config.yaml of a run (what workers read)")
+    src.add_argument("--preset", help="preset name or YAML path; data is prepared into the run dir")
+    ap.add_argument("--run-dir", required=True, help="run directory: checkpoints/, metrics.jsonl")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this step")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    try:
+        if args.config:
+            spec = load_spec(args.config)
+            if args.override:
+                spec = resolve(args.config, args.override)
+        else:
+            spec = resolve(args.preset, args.override)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not spec.data.path:
+                spec = prepare_local_data(spec, run_dir)
+            (run_dir / "config.yaml").write_text(spec.to_yaml())
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    stop = {"flag": False}
+
+    def on_term(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        result = train(spec, run_dir, device=args.device, stop_at=args.stop_at, should_stop=lambda: stop["flag"])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

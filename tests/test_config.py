@@ -1,0 +1,118 @@
+"""Presets, dotted overrides and validation messages."""
+
+import pytest
+import yaml
+
+from model.config import (
+    ConfigError,
+    all_keys,
+    flops_per_token,
+    load_spec,
+    matmul_params,
+    param_count,
+    preset_names,
+    resolve,
+)
+
+
+def test_presets_resolve_with_expected_sizes():
+    sizes = {name: param_count(resolve(name).model) for name in preset_names()}
+    assert set(sizes) >= {"tiny", "124m", "350m", "1b"}
+    assert 1e6 < sizes["tiny"] < 1e7
+    assert 110e6 < sizes["124m"] < 135e6
+    assert 320e6 < sizes["350m"] < 380e6
+    assert 1.1e9 < sizes["1b"] < 1.3e9
+
+
+@pytest.mark.parametrize(
+    "override, path, value",
+    [
+        ("train.steps=123", ("train", "steps"), 123),
+        ("train.lr=3e-4", ("train", "lr"), 3e-4),
+        ("train.checkpoint_every=7", ("train", "checkpoint_every"), 7),
+        ("train.global_batch_tokens=32768", ("train", "global_batch_tokens"), 32768),
+        ("model.n_layers=2", ("model", "n_layers"), 2),
+        ("model.d_model=96", ("model", "d_model"), 96),
+        ("model.tie_embeddings=false", ("model", "tie_embeddings"), False),
+        ("train.schedule=wsd", ("train", "schedule"), "wsd"),
+        ("wandb.entity=me", ("wandb", "entity"), "me"),
+    ],
+)
+def test_override_sets_field(override, path, value):
+    spec = resolve("tiny", [override])
+    assert getattr(getattr(spec, path[0]), path[1]) == value
+
+
+def test_every_key_is_overridable():
+    base = resolve("tiny")
+    for key in all_keys():
+        section, field = key.split(".")
+        current = getattr(getattr(base, section), field)
+        if current is None or isinstance(current, (bool, str)):
+            continue
+        spec = resolve("tiny", [f"{key}={current}"])
+        assert getattr(getattr(spec, section), field) == current
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["train.stpes=5"], ["train.stpes", "did you mean train.steps"]),
+        (["nope=1"], ["unknown override key 'nope'", "train.steps"]),
+        (["train.lr=-1"], ["train.lr", "greater than 0", "-1"]),
+        (["train.lr=fast"], ["train.lr", "valid number", "'fast'"]),
+        (["model.d_model=100"], ["d_model (100)", "n_heads (6)"]),
+        (["model.n_kv_heads=4"], ["n_heads (6)", "n_kv_heads (4)"]),
+        (["train.steps"], ["key=value"]),
+        (["train.global_batch_tokens=1000"], ["global_batch_tokens (1000)", "multiple of"]),
+        (["train.schedule=linear"], ["train.schedule", "'cosine'", "'wsd'"]),
+        (["train.warmup_steps=-5"], ["train.warmup_steps", "greater than or equal to 0"]),
+        (["data.val_fraction=0.9"], ["data.val_fraction", "less than 0.5"]),
+    ],
+)
+def test_bad_overrides_name_the_problem(overrides, fragments):
+    with pytest.raises(ConfigError) as e:
+        resolve("tiny", overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for frag in fragments:
+        assert frag in msg
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
+        resolve("huge")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        resolve("../configs/tiny")
+
+
+def test_unknown_key_in_yaml_file_is_rejected(tmp_path):
+    raw = yaml.safe_load(resolve("tiny").to_yaml())
+    raw["train"]["learning_rate"] = 1.0
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"train.learning_rate: unknown key; allowed: .*train.lr"):
+        resolve(str(path))
+
+
+def test_yaml_round_trip(tmp_path):
+    spec = resolve("124m", ["train.steps=10"])
+    path = tmp_path / "config.yaml"
+    path.write_text(spec.to_yaml())
+    assert load_spec(path) == spec
+
+
+def test_grad_accum_divides_or_explains():
+    spec = resolve("tiny")  # 64 sequences, micro 16
+    assert spec.grad_accum_steps(1) == 4
+    assert spec.grad_accum_steps(2) == 2
+    with pytest.raises(ConfigError, match="does not split over 3 workers"):
+        spec.grad_accum_steps(3)
+
+
+def test_flops_per_token_by_hand():
+    m = resolve("124m").model
+    layer = 2 * 768 * 768 + 2 * 768 * (4 * 64) + 3 * 768 * 2816
+    n = 12 * layer + 32768 * 768
+    assert matmul_params(m) == n
+    assert flops_per_token(m) == 6 * n + 12 * 12 * 12 * 64 * 1024
