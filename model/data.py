@@ -114,7 +114,8 @@ class BatchLoader:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         if micro_batch_size <= 0 or global_batch_seqs <= 0:
             raise ValueError(
-                f"global_batch_seqs ({global_batch_seqs}) and micro_batch_size ({micro_batch_size}) must be positive"
+                f"global_batch_seqs ({global_batch_seqs}) and micro_batch_size ({micro_batch_size}) "
+                "must be positive"
             )
         if global_batch_seqs % (world_size * micro_batch_size):
             raise ValueError(
@@ -161,8 +162,8 @@ def eval_batches(
     total = n_batches * micro_batch_size
     if total % world_size:
         raise ValueError(
-            f"eval set of n_batches ({n_batches}) x micro_batch_size ({micro_batch_size}) = {total} sequences "
-            f"does not split evenly over world_size ({world_size})"
+            f"eval set of n_batches ({n_batches}) x micro_batch_size ({micro_batch_size}) = {total} "
+            f"sequences does not split evenly over world_size ({world_size})"
         )
     per_rank = total // world_size
     ids = np.arange(rank * per_rank, (rank + 1) * per_rank) % dataset.n_sequences

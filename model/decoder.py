@@ -132,6 +132,8 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """GPT-style init; also (re)computes the rotary tables, so meta -> to_empty -> init_weights works."""
+        if self.cfg.tie_embeddings:  # to_empty() replaces meta parameters one module at a time: re-tie
+            self.lm_head.weight = self.tok_embeddings.weight
         self._build_rope(self.cfg.seq_len, self.lm_head.weight.device)
         residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from model.shards import atomic_write
 
 EOT = "<|endoftext|>"
 N_BYTES = 256
@@ -26,7 +27,7 @@ N_BYTES = 256
 def _byte_of_char() -> dict[str, int]:
     """Char -> byte of the ByteLevel mapping: printable bytes stand for themselves, the other bytes
     (controls, space, ...) take the chars from U+0100 on, in byte order (GPT-2's convention)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     others = [b for b in range(N_BYTES) if b not in printable]
     table = {chr(b): b for b in printable} | {chr(N_BYTES + n): b for n, b in enumerate(others)}
     if set(table) != set(pre_tokenizers.ByteLevel.alphabet()):
@@ -68,7 +69,9 @@ class Tokenizer:
         return out
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (EOT,)) -> Tokenizer:
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (EOT,)
+    ) -> Tokenizer:
         """Learn merges on `texts`; deterministic (identical input -> byte-identical JSON)."""
         minimum = N_BYTES + len(special_tokens)
         if vocab_size < minimum:
@@ -104,17 +107,7 @@ class Tokenizer:
         """Write tokenizer.json atomically (a reader never sees a half-written file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600
-                f.write(self.backend.to_str(pretty=True))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, [self.backend.to_str(pretty=True).encode()])
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -125,7 +118,7 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; a multi-byte character cut by the ends shows as U+FFFD."""
-        return self.backend.decode(list(ids), skip_special_tokens=False)
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The exact bytes of `ids`, e.g. for streaming output that may split a UTF-8 character."""
@@ -141,9 +134,12 @@ class Tokenizer:
         """End-of-text id: EOT when the vocabulary has it, else the first special token."""
         return self._eot_id
 
-    @property
+    @cached_property
     def sha256(self) -> str:
-        """Hash of the canonical JSON: equal for equal tokenizers however they were saved."""
+        """Hash of the canonical JSON: equal for equal tokenizers however they were saved.
+
+        Computed once: a tokenizer is not meant to change after it is trained or loaded.
+        """
         canonical = json.dumps(
             json.loads(self.backend.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         )

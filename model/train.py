@@ -140,15 +140,18 @@ class _ResyncOnExit(contextlib.AbstractContextManager):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, autocast) -> float:
+def evaluate(model: nn.Module, batches, autocast, d: Dist) -> float:
+    """Mean loss over every held-out sequence of every rank (batches may differ in size)."""
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     for x, y in batches:
         with autocast():
             _, loss = model(x, y)
-        total += loss.item()
+        total += loss.item() * x.shape[0]
+        count += x.shape[0]
     model.train()
-    return total / max(1, len(batches))
+    total, count = _all_reduce_mean([total, count], d)
+    return total / max(count, 1)
 
 
 # Full (unsharded) state on CPU: one checkpoint format whatever the parallelism or world size.
@@ -208,6 +211,11 @@ def train(
 
     train_data = TokenDataset(spec.data.path, "train", m.seq_len)
     val_data = TokenDataset(spec.data.path, "val", m.seq_len)
+    if train_data.manifest.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"the staged tokenizer has {train_data.manifest.vocab_size} tokens but model.vocab_size is "
+            f"{m.vocab_size}; set model.vocab_size >= {train_data.manifest.vocab_size}"
+        )
     loader = BatchLoader(
         train_data, spec.global_batch_seqs, t.micro_batch_size, d.rank, d.world_size, t.seed, d.device
     )
@@ -284,7 +292,7 @@ def train(
                 if on_log:
                     on_log(rec)
             if step % t.eval_every == 0 or step == t.steps:
-                (last_val,) = _all_reduce_mean([evaluate(model, val_batches, autocast)], d)
+                last_val = evaluate(model, val_batches, autocast, d)
                 rec = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0))}
                 metrics.log(rec)
                 if on_log:

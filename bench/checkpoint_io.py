@@ -1,0 +1,224 @@
+"""Checkpoint I/O: save and load time for 124m- and 1b-sized training states on local disk.
+
+The state is what the training loop saves: fp32 weights plus AdamW's exp_avg and exp_avg_sq
+(3 x params x 4 bytes), as plain tensors with the decoder's shapes. For each size we time
+  - a synchronous save (snapshot + serialise + write + fsync + commit),
+  - an asynchronous save: the time until save() returns (the stall training sees) and until commit,
+  - a cold load (page cache dropped for the files): verify crc32 + map, then + copy into live tensors.
+A 1b state (14.7 GB) plus its CPU snapshot (another 14.7 GB) does not fit this 24 GB machine, and
+weights + one moment would need ~20 GB; so by default the 1b case saves the weights alone (4.9 GB,
+~10 GB peak) and the figures are extrapolated x3 (I/O is linear in bytes: compare 124m and 350m, and
+the 350m state is about the size of the 1b weights). --full-1b measures the whole state (~32 GB RAM).
+
+    python bench/checkpoint_io.py [--sizes 124m,350m,1b] [--root /tmp/lmctl-ckpt-bench] [--full-1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model.checkpoint import Checkpointer  # noqa: E402
+from model.config import ModelConfig, param_count, resolve  # noqa: E402
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_io.json"
+
+
+def param_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The decoder's parameter shapes (names are illustrative; sizes match param_count exactly)."""
+    qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+    shapes = {"embed.weight": (m.vocab_size, m.d_model)}
+    for i in range(m.n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (m.d_model,),
+            p + "qkv_proj.weight": (qkv, m.d_model),
+            p + "o_proj.weight": (m.d_model, m.n_heads * m.head_dim),
+            p + "mlp_norm.weight": (m.d_model,),
+            p + "gate_proj.weight": (m.d_ff, m.d_model),
+            p + "up_proj.weight": (m.d_ff, m.d_model),
+            p + "down_proj.weight": (m.d_model, m.d_ff),
+        }
+    shapes["norm.weight"] = (m.d_model,)
+    if not m.tie_embeddings:
+        shapes["lm_head.weight"] = (m.vocab_size, m.d_model)
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == param_count(m)
+    return shapes
+
+
+def fake_state(m: ModelConfig, moments: int) -> dict:
+    """{"model": weights, "optim": AdamW-like state_dict with `moments` of exp_avg / exp_avg_sq}."""
+    shapes = param_shapes(m)
+    model = {k: torch.empty(s).uniform_(-0.02, 0.02) for k, s in shapes.items()}
+    optim_state = {
+        k: {"step": torch.tensor(1000.0)} | {n: torch.rand(s) for n in MOMENTS[:moments]}
+        for k, s in shapes.items()
+    }
+    groups = [{"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "params": list(shapes)}]
+    return {"model": model, "optim": {"state": optim_state, "param_groups": groups}}
+
+
+def tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
+
+
+def drop_page_cache(d: Path) -> None:
+    """Evict the files' clean pages so a load reads the disk, as after a restart (no root needed)."""
+    for p in d.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def disk_baseline(root: Path, nbytes: int = 1 << 30) -> dict:
+    """Raw sequential write+fsync and cold read of one file: the ceiling for the figures below."""
+    p, buf = root / "baseline.bin", os.urandom(1 << 24)
+    t0 = time.perf_counter()
+    with open(p, "wb") as f:
+        for _ in range(nbytes // len(buf)):
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - t0
+    drop_page_cache(root)
+    t0 = time.perf_counter()
+    with open(p, "rb", buffering=0) as f:
+        while f.read(1 << 24):
+            pass
+    read_s = time.perf_counter() - t0
+    p.unlink()
+    return {"bytes": nbytes, "write_MBps": nbytes / write_s / 1e6, "read_MBps": nbytes / read_s / 1e6}
+
+
+def bench_one(name: str, root: Path, moments: int) -> dict:
+    m = resolve(name).model
+    t0 = time.perf_counter()
+    state = fake_state(m, moments)
+    build_s = time.perf_counter() - t0
+    nbytes = sum(t.numel() * t.element_size() for t in tensors(state))
+    d = root / name
+    shutil.rmtree(d, ignore_errors=True)
+
+    sync = Checkpointer(d / "sync", keep=1)
+    t0 = time.perf_counter()
+    sync.save(1, state, {"bench": name})
+    sync_s = time.perf_counter() - t0
+    shutil.rmtree(d / "sync")
+    gc.collect()
+
+    asyn = Checkpointer(d / "async", keep=1, async_save=True)
+    t0 = time.perf_counter()
+    asyn.save(1, state, {"bench": name})
+    return_s = time.perf_counter() - t0
+    asyn.wait()
+    async_s = time.perf_counter() - t0
+    gc.collect()
+
+    drop_page_cache(asyn.step_dir(1))
+    t0 = time.perf_counter()
+    loaded, _ = asyn.load()
+    load_s = time.perf_counter() - t0
+    for dst, src in zip(tensors(state), tensors(loaded), strict=True):
+        dst.copy_(src)  # what load_state_dict does: touches every mapped page
+    load_copy_s = time.perf_counter() - t0
+    del loaded, state
+    gc.collect()
+    shutil.rmtree(d)
+
+    mb = nbytes / 1e6
+    return {
+        "preset": name,
+        "params": param_count(m),
+        "measured": "weights" + "".join(f" + {n}" for n in MOMENTS[:moments]),
+        "bytes": nbytes,
+        "build_state_s": build_s,
+        "sync_save_s": sync_s,
+        "sync_save_MBps": mb / sync_s,
+        "async_return_s": return_s,
+        "async_total_s": async_s,
+        "async_save_MBps": mb / async_s,
+        "load_verify_map_s": load_s,
+        "load_and_copy_s": load_copy_s,
+        "load_MBps": mb / load_copy_s,
+    }
+
+
+def extrapolate(r: dict, moments: int) -> dict:
+    """Scale a partial state's times to weights + 2 moments (I/O time is linear in bytes)."""
+    f = 3.0 / (1 + moments)
+    keys = ("sync_save_s", "async_return_s", "async_total_s", "load_verify_map_s", "load_and_copy_s")
+    return {
+        "preset": r["preset"],
+        "measured": f"extrapolated x{f:.1f} from {r['measured']}",
+        "bytes": int(r["bytes"] * f),
+    } | {k: r[k] * f for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="124m,350m,1b")
+    ap.add_argument("--root", default="/tmp/lmctl-ckpt-bench")
+    ap.add_argument("--full-1b", action="store_true", help="1b with both moments (needs ~32 GB RAM)")
+    args = ap.parse_args()
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+
+    base = disk_baseline(root)
+    print(
+        f"disk {root}: raw write+fsync {base['write_MBps']:.0f} MB/s, cold read {base['read_MBps']:.0f} MB/s"
+    )
+    results = []
+    for name in args.sizes.split(","):
+        moments = 0 if name == "1b" and not args.full_1b else 2
+        r = bench_one(name, root, moments)
+        results.append(r)
+        rows = [r] if moments == 2 else [r, extrapolate(r, moments)]
+        for x in rows:
+            print(
+                f"{x['preset']:>5} {x['bytes'] / 1e9:6.2f} GB ({x['measured']}): "
+                f"sync save {x['sync_save_s']:6.2f}s | async save returns after {x['async_return_s']:5.2f}s, "
+                f"commits after {x['async_total_s']:6.2f}s | cold load {x['load_verify_map_s']:5.2f}s "
+                f"verify+map, {x['load_and_copy_s']:6.2f}s with copy"
+            )
+        if moments == 2:
+            print(
+                f"{'':>5} MB/s: sync save {r['sync_save_MBps']:.0f}, async save {r['async_save_MBps']:.0f}, "
+                f"load {r['load_MBps']:.0f}"
+            )
+        else:
+            results.append(extrapolate(r, moments))
+            print(
+                f"{'':>5} (1b: weights alone measured, to fit this machine's RAM; second row extrapolated x3)"
+            )
+    shutil.rmtree(root, ignore_errors=True)
+
+    out = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "disk_baseline": base,
+        "results": results,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Batches are a pure function of (seed, step, global batch): resumable and world-size invariant."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.data import BatchLoader, TokenDataset, eval_batches, global_batch_ids
+from model.shards import Manifest, write_manifest, write_shard
+
+SEQ = 8
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """Three train shards of 100, 37 and 5 tokens (token value = global position) and one val shard."""
+    sizes, start, infos = [100, 37, 5], 0, []
+    for k, n in enumerate(sizes):
+        infos.append(write_shard(tmp_path / f"train_{k:06d}.bin", np.arange(start, start + n), "uint16"))
+        start += n
+    val = write_shard(tmp_path / "val_000000.bin", np.arange(1000, 1030), "uint16")
+    write_manifest(
+        tmp_path,
+        Manifest(
+            dataset="synthetic",
+            tokenizer_sha256="0" * 64,
+            vocab_size=4096,
+            eot_id=0,
+            dtype="uint16",
+            shard_tokens=100,
+            val_fraction=0.1,
+            train=infos,
+            val=[val],
+            train_tokens=start,
+            val_tokens=30,
+        ),
+    )
+    return tmp_path
+
+
+def _stack(batches):
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def test_sequences_never_cross_shards(synthetic):
+    ds = TokenDataset(synthetic, "train", SEQ)
+    # (100 - 1) // 8 = 12 sequences in shard 0, (37 - 1) // 8 = 4 in shard 1, none in the 5-token shard
+    assert ds.n_sequences == len(ds) == 16
+    np.testing.assert_array_equal(ds.sequence(0), np.arange(0, 9))
+    np.testing.assert_array_equal(ds.sequence(11), np.arange(88, 97))
+    np.testing.assert_array_equal(ds.sequence(12), np.arange(100, 109))  # shard 1 starts afresh
+    np.testing.assert_array_equal(ds.sequence(15), np.arange(124, 133))
+    with pytest.raises(IndexError):
+        ds.sequence(16)
+    assert ds.sequences(np.array([15, 0])).dtype == np.int64
+    assert TokenDataset(synthetic, "val", SEQ).n_sequences == (30 - 1) // SEQ
+
+
+def test_split_without_a_full_sequence_is_a_clear_error(synthetic):
+    with pytest.raises(ValueError, match=r"val split .* no full sequence of seq_len \+ 1 = 31 tokens"):
+        TokenDataset(synthetic, "val", 30)
+    with pytest.raises(ValueError, match="seq_len must be a positive integer"):
+        TokenDataset(synthetic, "train", 0)
+
+
+def test_dataset_checks_shards_against_manifest(synthetic):
+    write_shard(synthetic / "train_000001.bin", np.arange(36), "uint16")
+    with pytest.raises(ValueError, match="train_000001.bin holds 36 tokens, the manifest says 37"):
+        TokenDataset(synthetic, "train", SEQ)
+
+
+def test_global_batch_is_a_pure_function_of_seed_and_step():
+    a = [global_batch_ids(7, s, 6, 50) for s in range(12)]
+    b = [global_batch_ids(7, s, 6, 50) for s in reversed(range(12))][::-1]  # another order, cache warm
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(global_batch_ids(7, 3, 6, 50), global_batch_ids(8, 3, 6, 50))
+    assert not np.array_equal(global_batch_ids(7, 3, 6, 50), global_batch_ids(7, 4, 6, 50))
+
+
+@pytest.mark.parametrize("batch, n", [(4, 10), (7, 10), (25, 10), (3, 3), (1, 1)])
+def test_every_epoch_visits_each_sequence_once(batch, n):
+    """Steps straddling an epoch boundary (or batches larger than the data) still cover each epoch."""
+    epochs = 4
+    steps = -(-epochs * n // batch)
+    stream = np.concatenate([global_batch_ids(3, s, batch, n) for s in range(steps)])
+    for e in range(epochs):
+        assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))
+    if n > 3:  # epochs are shuffled differently
+        assert not np.array_equal(stream[:n], stream[n : 2 * n])
+
+
+def test_global_batch_ids_input_errors():
+    with pytest.raises(ValueError, match="must be non-negative"):
+        global_batch_ids(0, -1, 4, 10)
+    with pytest.raises(ValueError, match=r"n_sequences \(0\) must be positive"):
+        global_batch_ids(0, 0, 4, 0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("micro", [1, 2])
+def test_ranks_together_see_the_single_process_batch(synthetic, world_size, micro):
+    ds = TokenDataset(synthetic, "train", SEQ)
+    for step in (0, 1, 5):  # 8 sequences per step over 16: step 1 ends an epoch
+        reference = _stack(BatchLoader(ds, 8, 8, seed=11).micro_batches(step))
+        parts = [
+            BatchLoader(ds, 8, micro, r, world_size, seed=11).micro_batches(step) for r in range(world_size)
+        ]
+        together = _stack([b for rank in parts for b in rank])
+        assert torch.equal(together[0], reference[0]) and torch.equal(together[1], reference[1])
+
+
+def test_micro_batches_shapes_and_targets(synthetic):
+    ds = TokenDataset(synthetic, "train", SEQ)
+    loader = BatchLoader(ds, 12, 3, rank=1, world_size=2, seed=5)
+    assert loader.grad_accum == 2
+    batches = loader.micro_batches(4)
+    assert len(batches) == 2
+    ids = global_batch_ids(5, 4, 12, ds.n_sequences)[6:12]
+    for k, (x, y) in enumerate(batches):
+        assert x.shape == y.shape == (3, SEQ) and x.dtype == y.dtype == torch.int64
+        assert x.is_contiguous() and y.is_contiguous()
+        assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+        rows = torch.from_numpy(ds.sequences(ids[3 * k : 3 * k + 3]))
+        assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
+    assert torch.equal(_stack(loader.micro_batches(4))[0], _stack(batches)[0])  # asking again: same data
+
+
+def test_seeds_give_different_batches(synthetic):
+    ds = TokenDataset(synthetic, "train", SEQ)
+    a = BatchLoader(ds, 8, 8, seed=0).micro_batches(0)[0][0]
+    b = BatchLoader(ds, 8, 8, seed=1).micro_batches(0)[0][0]
+    assert not torch.equal(a, b)
+
+
+def test_bad_divisibility_names_all_three(synthetic):
+    ds = TokenDataset(synthetic, "train", SEQ)
+    with pytest.raises(
+        ValueError, match=r"global_batch_seqs \(12\) .* world_size \(4\) x micro_batch_size \(2\)"
+    ):
+        BatchLoader(ds, 12, 2, rank=0, world_size=4)
+    with pytest.raises(ValueError, match=r"rank 2 must be in \[0, world_size=2\)"):
+        BatchLoader(ds, 8, 2, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_eval_batches_cover_the_same_sequences_for_any_world_size(synthetic, world_size):
+    val = TokenDataset(synthetic, "val", SEQ)  # 3 sequences: 8 requested wrap around
+    per_rank = [eval_batches(val, 2, 4, r, world_size) for r in range(world_size)]
+    assert len({len(b) for b in per_rank}) == 1  # same number of forward passes on every rank
+    x, y = _stack([b for rank in per_rank for b in rank])
+    ids = np.arange(8) % 3
+    rows = torch.from_numpy(val.sequences(ids))
+    assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
+    assert all(bx.shape[0] <= 4 for rank in per_rank for bx, _ in rank)
+
+
+def test_eval_batches_uneven_split_is_an_error(synthetic):
+    val = TokenDataset(synthetic, "val", SEQ)
+    with pytest.raises(ValueError, match=r"6 sequences does not split evenly over world_size \(4\)"):
+        eval_batches(val, 3, 2, 0, 4)
+
+
+def test_loader_on_the_staged_corpus(tiny_dataset):
+    data_dir, manifest = tiny_dataset
+    ds = TokenDataset(data_dir, "train", 256)
+    assert ds.manifest == manifest
+    assert ds.n_sequences == sum((s.tokens - 1) // 256 for s in manifest.train)
+    loader = BatchLoader(ds, 64, 16, seed=1337)
+    batches = loader.micro_batches(3)
+    assert len(batches) == loader.grad_accum == 4
+    assert all(x.shape == (16, 256) and int(x.max()) < 4096 for x, _ in batches)
+    assert len(eval_batches(TokenDataset(data_dir, "val", 256), 4, 16)) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_land_on_the_gpu(synthetic):
+    ds = TokenDataset(synthetic, "train", SEQ)
+    cpu = BatchLoader(ds, 8, 4, seed=2).micro_batches(1)
+    gpu = BatchLoader(ds, 8, 4, seed=2, device="cuda").micro_batches(1)
+    for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
+        assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)

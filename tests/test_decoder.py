@@ -1,0 +1,263 @@
+"""Decoder shape arithmetic, init, KV cache, autocast/compile/checkpointing, and generation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig, param_count, preset_names, resolve
+from model.decoder import Decoder
+from model.generate import generate, top_k_filter, top_p_filter
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=80, seq_len=32)
+    return ModelConfig(**(base | kw))
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(cfg)
+
+
+def tokens(cfg: ModelConfig, B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- shapes, parameters, init
+
+
+@pytest.mark.parametrize("preset", preset_names())
+@pytest.mark.parametrize("tie", [True, False])
+def test_num_params_matches_config_arithmetic(preset, tie):
+    cfg = resolve(preset, [f"model.tie_embeddings={str(tie).lower()}"]).model
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    assert model.num_params() == param_count(cfg)
+
+
+def test_structure_names_other_code_relies_on():
+    model = build(small_cfg())
+    assert isinstance(model.tok_embeddings, torch.nn.Embedding)
+    assert len(model.layers) == 2
+    for name in ("attn_norm", "attn", "mlp_norm", "mlp"):
+        assert hasattr(model.layers[0], name)
+    assert model.lm_head.weight is model.tok_embeddings.weight
+    untied = build(small_cfg(tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.tok_embeddings.weight
+    assert not any(p.dim() == 1 and p.numel() != 48 for p in model.parameters())  # no biases, norms only
+
+
+def test_forward_shapes_and_loss_is_mean_cross_entropy_ignoring_minus_one():
+    cfg = small_cfg()
+    model = build(cfg)
+    idx = tokens(cfg, 3, 20)
+    logits, loss = model(idx)
+    assert logits.shape == (3, 20, cfg.vocab_size) and loss is None
+    targets = tokens(cfg, 3, 20, seed=2)
+    targets[0, :7] = -1
+    _, loss = model(idx, targets)
+    keep = targets.flatten() != -1
+    expected = F.cross_entropy(logits.flatten(0, 1)[keep], targets.flatten()[keep])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_init_is_bit_reproducible_and_gpt_style():
+    cfg = small_cfg(n_layers=8, d_model=192, n_heads=6, d_ff=512, vocab_size=1000, init_std=0.02)
+    a, b = build(cfg, seed=3).state_dict(), build(cfg, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = build(cfg, seed=4).state_dict()
+    assert not torch.equal(a["tok_embeddings.weight"], c["tok_embeddings.weight"])
+    residual = [k for k in a if k.endswith(("attn.o_proj.weight", "mlp.down_proj.weight"))]
+    assert len(residual) == 2 * cfg.n_layers
+    for k, v in a.items():
+        if v.dim() == 1:
+            assert torch.equal(v, torch.ones_like(v)), k
+        else:
+            want = cfg.init_std / math.sqrt(2 * cfg.n_layers) if k in residual else cfg.init_std
+            assert abs(v.std().item() - want) < 0.1 * want, k
+            assert abs(v.mean().item()) < 0.1 * want, k
+
+
+def test_rope_tables_are_not_saved_and_theta_matters():
+    cfg = small_cfg(init_std=0.3)
+    model = build(cfg)
+    assert not any("rope" in k for k in model.state_dict())
+    other = Decoder(small_cfg(init_std=0.3, rope_theta=100.0))
+    other.load_state_dict(model.state_dict())
+    idx = tokens(cfg, 1, 16)
+    with torch.no_grad():
+        assert (model(idx)[0] - other(idx)[0]).abs().max() > 1e-3
+
+
+def test_meta_build_then_to_empty_and_init_weights_gives_a_working_model():
+    cfg = small_cfg()
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    assert model.lm_head.weight is model.tok_embeddings.weight  # to_empty unties; init_weights re-ties
+    assert model.num_params() == param_count(cfg)
+    reference = build(cfg)
+    reference.load_state_dict(model.state_dict())
+    idx = tokens(cfg, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], reference(idx)[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 6])
+def test_incremental_decoding_with_cache_matches_full_forward(n_kv_heads):
+    cfg = small_cfg(n_kv_heads=n_kv_heads)
+    model = build(cfg).eval()
+    idx = tokens(cfg, 2, 24)
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = model.new_cache(2, 24)
+        parts = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 9), (9, 10), (10, 16), (16, 17), (17, 24))]
+    assert cache.length == 24
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_cache_overflow_is_a_clear_error():
+    cfg = small_cfg()
+    model = build(cfg)
+    cache = model.new_cache(1, 8)
+    with pytest.raises(ValueError, match="KV cache holds 8"), torch.no_grad():
+        model(tokens(cfg, 1, 9), cache=cache)
+
+
+def test_rope_tables_extend_past_seq_len():
+    cfg = small_cfg(seq_len=16)
+    model = build(cfg).eval()
+    idx = tokens(cfg, 1, 40)
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = model.new_cache(1, 40)
+        steps = [model(idx[:, :10], cache=cache)[0]] + [model(idx[:, t : t + 1], cache=cache)[0] for t in range(10, 40)]
+    assert model.rope_cos.shape[0] >= 40
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- training modes
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = small_cfg()
+    idx, targets = tokens(cfg, 2, 32), tokens(cfg, 2, 32, seed=5)
+    grads = []
+    for enabled in (False, True):
+        model = build(cfg)
+        model.set_activation_checkpointing(enabled)
+        model(idx, targets)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_trains_and_loss_is_fp32():
+    cfg = small_cfg()
+    model = build(cfg)
+    idx, targets = tokens(cfg, 2, 32), tokens(cfg, 2, 32, seed=5)
+    ref = model(idx, targets)[1].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert abs(loss.item() - ref) < 0.05
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    cfg = small_cfg()
+    model = build(cfg)
+    idx, targets = tokens(cfg, 2, 32), tokens(cfg, 2, 32, seed=5)
+    eager_logits, eager_loss = model(idx, targets)
+    eager_loss.backward()
+    eager_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model)
+    logits, loss = compiled(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.lm_head.weight.grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_greedy_generation_is_argmax_of_full_forward():
+    cfg = small_cfg()
+    model = build(cfg)
+    prompt = tokens(cfg, 2, 5)
+    out = generate(model, prompt, 8, temperature=0)
+    assert out.shape == (2, 13) and torch.equal(out[:, :5], prompt)
+    assert torch.equal(generate(model, prompt, 8, temperature=0), out)
+    with torch.no_grad():
+        for t in range(5, 13):
+            assert torch.equal(model(out[:, :t])[0][:, -1].argmax(-1), out[:, t])
+    assert torch.equal(generate(model, prompt, 8, temperature=0.7, top_k=1), out)
+    assert model.training  # generate restores the mode it found
+
+
+def test_seeded_sampling_is_reproducible():
+    cfg = small_cfg(init_std=0.2)  # a peaked distribution would make sampling look like greedy
+    model = build(cfg)
+    prompt = tokens(cfg, 3, 4)
+
+    def sample(seed):
+        return generate(model, prompt, 12, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+
+
+def test_generation_stops_when_every_row_has_produced_eot():
+    cfg = small_cfg()
+    model = build(cfg)
+    prompt = tokens(cfg, 1, 4)
+    greedy = generate(model, prompt, 10, temperature=0)
+    eot = int(greedy[0, 6])  # the third generated token
+    out = generate(model, prompt, 10, temperature=0, eot_id=eot)
+    first = (greedy[0, 4:] == eot).nonzero()[0].item()
+    assert out.shape[1] == 4 + first + 1 and out[0, -1] == eot
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].nonzero().flatten().tolist()
+    assert kept(0.39) == [1]
+    assert kept(0.41) == [1, 3]
+    assert kept(0.69) == [1, 3]
+    assert kept(0.71) == [1, 3, 4]
+    assert kept(0.96) == [0, 1, 2, 3, 4]
+    assert kept(1.0) == [0, 1, 2, 3, 4]
+    assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1  # the top token always survives
+
+
+def test_top_k_filter():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
+    assert torch.isfinite(top_k_filter(logits, 2))[0].tolist() == [False, True, False, True]
+    assert torch.isfinite(top_k_filter(logits, 10)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_generate_rejects_bad_arguments(kwargs, message):
+    cfg = small_cfg()
+    with pytest.raises(ValueError, match=message):
+        generate(build(cfg), tokens(cfg, 1, 3), 2, **kwargs)
+

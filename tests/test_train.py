@@ -1,0 +1,176 @@
+"""The training loop: exact resume, resume on another world size, crash during a checkpoint write."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import Checkpointer
+from model.config import DEFAULT_CORPUS, resolve
+from model.metrics import read_metrics
+from model.shards import prepare_dataset, read_jsonl_texts
+from model.tokenizer import Tokenizer
+from model.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = [
+    "model.vocab_size=512",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.d_ff=128",
+    "model.seq_len=64",
+    "train.global_batch_tokens=512",  # 8 sequences: 4 micro-batches of 2 on one rank, 2 on each of two
+    "train.micro_batch_size=2",
+    "train.steps=8",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.checkpoint_every=100",
+    "train.async_checkpoint=false",
+]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> str:
+    texts = list(read_jsonl_texts(DEFAULT_CORPUS))[:3]
+    tok = Tokenizer.train(texts, 512)
+    out = tmp_path_factory.mktemp("data")
+    prepare_dataset(texts, tok, out, shard_tokens=50_000, val_fraction=0.1, dataset="shakespeare-3")
+    return str(out)
+
+
+def small_spec(data_path: str, *extra: str):
+    return resolve("tiny", [*SMALL, f"data.path={data_path}", *extra])
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    return [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory) -> Path:
+    """8 uninterrupted steps: the losses every resumed run must reproduce."""
+    run = tmp_path_factory.mktemp("reference")
+    result = train(small_spec(small_data), run)
+    assert result.step == 8 and not result.stopped
+    return run
+
+
+def test_loss_is_logged_every_step(reference):
+    recs = read_metrics(reference / "metrics.jsonl")
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == list(range(1, 9))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(recs[0])
+    assert [r["step"] for r in recs if "val_loss" in r] == [4, 8]
+
+
+def test_stop_and_resume_is_bit_identical(small_data, reference, tmp_path):
+    spec = small_spec(small_data)
+    first = train(spec, tmp_path, stop_at=3)
+    assert first.stopped and first.step == 3
+    assert Checkpointer(tmp_path / "checkpoints").latest() == 3
+    second = train(spec, tmp_path)
+    assert second.step == 8
+    assert train_losses(tmp_path) == train_losses(reference)  # exact float equality, every step
+    assert val_losses(tmp_path) == val_losses(reference)
+
+
+def test_changed_model_shape_refuses_to_resume(small_data, tmp_path):
+    train(small_spec(small_data), tmp_path, stop_at=1)
+    with pytest.raises(Exception, match="different model config"):
+        train(small_spec(small_data, "model.n_layers=3"), tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_module(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_resume_on_two_processes_matches(small_data, reference, tmp_path):
+    spec = small_spec(small_data)
+    train(spec, tmp_path, stop_at=3)
+    config = tmp_path / "config.yaml"
+    config.write_text(spec.to_yaml())
+    port = _free_port()
+    proc = _run_module(
+        [
+            "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+            "--master_addr=127.0.0.1", "-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path),
+        ],  # fmt: skip
+        {"OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from checkpoint at step 3" in proc.stdout
+    ours, ref = train_losses(tmp_path), train_losses(reference)
+    assert ours[:3] == ref[:3]
+    assert ours[3:] == pytest.approx(ref[3:], rel=1e-5, abs=1e-6)
+    assert val_losses(tmp_path) == pytest.approx(val_losses(reference), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["checkpoint.after_file:2", "checkpoint.before_commit:2"])
+def test_sigkill_during_checkpoint_write_resumes_from_previous(small_data, reference, tmp_path, fault):
+    spec = small_spec(small_data, "train.checkpoint_every=2")
+    config = tmp_path / "config.yaml"
+    config.write_text(spec.to_yaml())
+    args = ["-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path)]
+
+    crashed = _run_module(args, {"LMCTL_FAULT": fault})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.latest() == 2  # the save of step 4 never committed
+    state, meta = ckpt.load()
+    assert meta["step"] == 2 and "model" in state
+
+    resumed = _run_module(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint at step 2" in resumed.stdout
+    assert train_losses(tmp_path) == train_losses(reference)
+    assert ckpt.latest() == 8
+
+
+def unigram_cross_entropy(data_dir: Path) -> float:
+    """Loss of the best context-free model: train-split token frequencies scored on the val split."""
+    import numpy as np
+
+    from model.shards import read_manifest, read_shard
+
+    manifest = read_manifest(data_dir)
+    counts = np.ones(manifest.vocab_size)  # add-one smoothing: no token gets zero probability
+    for info in manifest.train:
+        counts += np.bincount(read_shard(Path(data_dir) / info.name), minlength=manifest.vocab_size)
+    logp = np.log(counts / counts.sum())
+    val = np.concatenate([np.asarray(read_shard(Path(data_dir) / info.name)) for info in manifest.val])
+    return float(-logp[val].mean())
+
+
+@pytest.mark.slow
+def test_tiny_preset_learns_well_below_unigram(tiny_dataset, tmp_path):
+    data_dir, manifest = tiny_dataset
+    baseline = unigram_cross_entropy(data_dir)
+    spec = resolve("tiny", [f"data.path={data_dir}"])
+    result = train(spec, tmp_path)
+    assert result.step == spec.train.steps
+    vals = val_losses(tmp_path)
+    assert vals[-1] < baseline - 1.0, (vals, baseline)
+    assert vals == sorted(vals, reverse=True)  # evaluation loss falls at every evaluation
