@@ -51,6 +51,10 @@ def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) ->
     widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
     for n, r in enumerate(cells):
         # first column left-aligned (names), numbers right-aligned
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
         if n == 0:
             print("  ".join("-" * w for w in widths))

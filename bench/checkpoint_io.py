@@ -2,15 +2,16 @@
 
 The state is what the training loop saves: fp32 weights plus AdamW's exp_avg and exp_avg_sq
 (3 x params x 4 bytes), as plain tensors with the decoder's shapes. For each size we time
-  - a synchronous save (snapshot + serialise + write + fsync + commit),
-  - an asynchronous save: the time until save() returns (the stall training sees) and until commit,
+  - two asynchronous saves: the time until save() returns (the snapshot: the stall training sees),
+    and until the COMMIT is written (serialise + crc32 + write + fsync = the save time). The first
+    save allocates the snapshot buffers; the second copies into them, as every later save does.
   - a cold load (page cache dropped for the files): verify crc32 + map, then + copy into live tensors.
 A 1b state (14.7 GB) plus its CPU snapshot (another 14.7 GB) does not fit this 24 GB machine, and
 weights + one moment would need ~20 GB; so by default the 1b case saves the weights alone (4.9 GB,
 ~10 GB peak) and the figures are extrapolated x3 (I/O is linear in bytes: compare 124m and 350m, and
 the 350m state is about the size of the 1b weights). --full-1b measures the whole state (~32 GB RAM).
 
-    python bench/checkpoint_io.py [--sizes 124m,350m,1b] [--root /tmp/lmctl-ckpt-bench] [--full-1b]
+    python bench/checkpoint_io.py [--sizes 124m,1b] [--root /tmp/lmctl-ckpt-bench] [--full-1b] [--device cuda]
 """
 
 from __future__ import annotations
@@ -57,12 +58,12 @@ def param_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def fake_state(m: ModelConfig, moments: int) -> dict:
+def fake_state(m: ModelConfig, moments: int, device: str) -> dict:
     """{"model": weights, "optim": AdamW-like state_dict with `moments` of exp_avg / exp_avg_sq}."""
     shapes = param_shapes(m)
-    model = {k: torch.empty(s).uniform_(-0.02, 0.02) for k, s in shapes.items()}
+    model = {k: torch.empty(s, device=device).uniform_(-0.02, 0.02) for k, s in shapes.items()}
     optim_state = {
-        k: {"step": torch.tensor(1000.0)} | {n: torch.rand(s) for n in MOMENTS[:moments]}
+        k: {"step": torch.tensor(1000.0)} | {n: torch.rand(s, device=device) for n in MOMENTS[:moments]}
         for k, s in shapes.items()
     }
     groups = [{"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "params": list(shapes)}]
@@ -80,6 +81,11 @@ def tensors(obj):
             yield from tensors(v)
 
 
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def drop_page_cache(d: Path) -> None:
     """Evict the files' clean pages so a load reads the disk, as after a restart (no root needed)."""
     for p in d.iterdir():
@@ -88,7 +94,7 @@ def drop_page_cache(d: Path) -> None:
         os.close(fd)
 
 
-def disk_baseline(root: Path, nbytes: int = 1 << 30) -> dict:
+def disk_baseline(root: Path, nbytes: int = 1 << 29) -> dict:
     """Raw sequential write+fsync and cold read of one file: the ceiling for the figures below."""
     p, buf = root / "baseline.bin", os.urandom(1 << 24)
     t0 = time.perf_counter()
@@ -108,40 +114,41 @@ def disk_baseline(root: Path, nbytes: int = 1 << 30) -> dict:
     return {"bytes": nbytes, "write_MBps": nbytes / write_s / 1e6, "read_MBps": nbytes / read_s / 1e6}
 
 
-def bench_one(name: str, root: Path, moments: int) -> dict:
+def timed_save(c: Checkpointer, step: int, state: dict, name: str) -> tuple[float, float]:
+    """(seconds until save() returns, seconds until committed)."""
+    t0 = time.perf_counter()
+    c.save(step, state, {"bench": name})
+    stall = time.perf_counter() - t0
+    c.wait()
+    return stall, time.perf_counter() - t0
+
+
+def bench_one(name: str, root: Path, moments: int, device: str) -> dict:
     m = resolve(name).model
     t0 = time.perf_counter()
-    state = fake_state(m, moments)
+    state = fake_state(m, moments, device)
+    synchronize(device)
     build_s = time.perf_counter() - t0
     nbytes = sum(t.numel() * t.element_size() for t in tensors(state))
-    d = root / name
-    shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(root / name, ignore_errors=True)
 
-    sync = Checkpointer(d / "sync", keep=1)
-    t0 = time.perf_counter()
-    sync.save(1, state, {"bench": name})
-    sync_s = time.perf_counter() - t0
-    shutil.rmtree(d / "sync")
+    c = Checkpointer(root / name, keep=1, async_save=True)
+    first_stall, first_total = timed_save(c, 1, state, name)
+    stall, total = timed_save(c, 2, state, name)
+    c.close()
     gc.collect()
 
-    asyn = Checkpointer(d / "async", keep=1, async_save=True)
+    drop_page_cache(c.step_dir(2))
     t0 = time.perf_counter()
-    asyn.save(1, state, {"bench": name})
-    return_s = time.perf_counter() - t0
-    asyn.wait()
-    async_s = time.perf_counter() - t0
-    gc.collect()
-
-    drop_page_cache(asyn.step_dir(1))
-    t0 = time.perf_counter()
-    loaded, _ = asyn.load()
+    loaded, _ = c.load()
     load_s = time.perf_counter() - t0
     for dst, src in zip(tensors(state), tensors(loaded), strict=True):
         dst.copy_(src)  # what load_state_dict does: touches every mapped page
+    synchronize(device)
     load_copy_s = time.perf_counter() - t0
     del loaded, state
     gc.collect()
-    shutil.rmtree(d)
+    shutil.rmtree(root / name)
 
     mb = nbytes / 1e6
     return {
@@ -150,31 +157,51 @@ def bench_one(name: str, root: Path, moments: int) -> dict:
         "measured": "weights" + "".join(f" + {n}" for n in MOMENTS[:moments]),
         "bytes": nbytes,
         "build_state_s": build_s,
-        "sync_save_s": sync_s,
-        "sync_save_MBps": mb / sync_s,
-        "async_return_s": return_s,
-        "async_total_s": async_s,
-        "async_save_MBps": mb / async_s,
+        "first_save_stall_s": first_stall,
+        "first_save_total_s": first_total,
+        "save_stall_s": stall,
+        "save_total_s": total,
+        "save_MBps": mb / total,
         "load_verify_map_s": load_s,
         "load_and_copy_s": load_copy_s,
         "load_MBps": mb / load_copy_s,
     }
 
 
+TIMES = ("first_save_stall_s", "first_save_total_s", "save_stall_s", "save_total_s", "load_verify_map_s")
+
+
 def extrapolate(r: dict, moments: int) -> dict:
     """Scale a partial state's times to weights + 2 moments (I/O time is linear in bytes)."""
     f = 3.0 / (1 + moments)
-    keys = ("sync_save_s", "async_return_s", "async_total_s", "load_verify_map_s", "load_and_copy_s")
-    return {
-        "preset": r["preset"],
-        "measured": f"extrapolated x{f:.1f} from {r['measured']}",
-        "bytes": int(r["bytes"] * f),
-    } | {k: r[k] * f for k in keys}
+    return (
+        {
+            "preset": r["preset"],
+            "params": r["params"],
+            "measured": f"extrapolated x{f:.0f} from {r['measured']}",
+            "bytes": int(r["bytes"] * f),
+        }
+        | {k: r[k] * f for k in (*TIMES, "load_and_copy_s")}
+        | {k: r[k] for k in ("save_MBps", "load_MBps")}
+    )
+
+
+def report(x: dict) -> None:
+    print(
+        f"{x['preset']:>5} {x['bytes'] / 1e9:5.2f} GB ({x['measured']})\n"
+        f"      save: stall {x['save_stall_s']:5.2f}s (first save {x['first_save_stall_s']:5.2f}s), "
+        f"committed after {x['save_total_s']:6.2f}s (first {x['first_save_total_s']:6.2f}s), "
+        f"{x['save_MBps']:.0f} MB/s\n"
+        f"      cold load: {x['load_verify_map_s']:5.2f}s verify+map,"
+        f" {x['load_and_copy_s']:6.2f}s with copy, "
+        f"{x['load_MBps']:.0f} MB/s"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="124m,350m,1b")
+    ap.add_argument("--sizes", default="124m,1b", help="presets, comma-separated (350m checks linearity)")
+    ap.add_argument("--device", default="cpu", help="where the state lives: cuda makes save() stall on D2H")
     ap.add_argument("--root", default="/tmp/lmctl-ckpt-bench")
     ap.add_argument("--full-1b", action="store_true", help="1b with both moments (needs ~32 GB RAM)")
     args = ap.parse_args()
@@ -185,33 +212,23 @@ def main() -> None:
     print(
         f"disk {root}: raw write+fsync {base['write_MBps']:.0f} MB/s, cold read {base['read_MBps']:.0f} MB/s"
     )
+    print(f"state on {args.device}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     results = []
     for name in args.sizes.split(","):
         moments = 0 if name == "1b" and not args.full_1b else 2
-        r = bench_one(name, root, moments)
+        r = bench_one(name, root, moments, args.device)
         results.append(r)
-        rows = [r] if moments == 2 else [r, extrapolate(r, moments)]
-        for x in rows:
-            print(
-                f"{x['preset']:>5} {x['bytes'] / 1e9:6.2f} GB ({x['measured']}): "
-                f"sync save {x['sync_save_s']:6.2f}s | async save returns after {x['async_return_s']:5.2f}s, "
-                f"commits after {x['async_total_s']:6.2f}s | cold load {x['load_verify_map_s']:5.2f}s "
-                f"verify+map, {x['load_and_copy_s']:6.2f}s with copy"
-            )
-        if moments == 2:
-            print(
-                f"{'':>5} MB/s: sync save {r['sync_save_MBps']:.0f}, async save {r['async_save_MBps']:.0f}, "
-                f"load {r['load_MBps']:.0f}"
-            )
-        else:
+        report(r)
+        if moments < 2:
             results.append(extrapolate(r, moments))
-            print(
-                f"{'':>5} (1b: weights alone measured, to fit this machine's RAM; second row extrapolated x3)"
-            )
+            report(results[-1])
+            print("      (1b: weights alone measured, to fit this machine's RAM; the second row is x3)")
     shutil.rmtree(root, ignore_errors=True)
 
     out = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "device": args.device,
+        "load_average_1m": os.getloadavg()[0],
         "disk_baseline": base,
         "results": results,
     }

@@ -4,7 +4,7 @@
 #   LMCTL_TORCH=... bash infra/bootstrap.sh   # force a torch requirement (e.g. "torch==2.13.0")
 # Why torch first: an unpinned `pip install torch` on Linux pulls the multi-GB CUDA build even where
 # there is no GPU. Installing the CPU build first (a local wheel where one is cached, else PyTorch's
-# CPU index) satisfies the project's `torch>=2.5`, so pip leaves it alone afterwards.
+# CPU index) satisfies the project's `torch>=2.6`, so pip leaves it alone afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -48,7 +48,9 @@ class ModelConfig(_Strict):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even (rotary embeddings)")
+            raise ValueError(
+                f"head_dim = d_model / n_heads = {self.head_dim} must be even (rotary embeddings)"
+            )
         return self
 
     @property
@@ -156,7 +158,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         path = CONFIGS_DIR / f"{name_or_path}.yaml"
         if not path.is_file() or "/" in name_or_path or "\\" in name_or_path:
             raise ConfigError(
-                f"unknown preset {name_or_path!r}: use one of {', '.join(preset_names())} or a path to a .yaml file"
+                f"unknown preset {name_or_path!r}: use one of {', '.join(preset_names())} or a .yaml path"
             )
     try:
         raw = yaml.safe_load(path.read_text())

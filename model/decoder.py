@@ -30,7 +30,7 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of x [B, T, H, D] by the angles in cos/sin [T, 1, D]."""
+    """Rotate pairs (i, i + D/2) of x [B, H, T, D] by the angles in cos/sin [T, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -64,17 +64,17 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D)
-        qk = apply_rope(qkv[:, :, : H + KV], cos, sin).transpose(1, 2)  # q and k rotated in one go
-        q, k = qk.split((H, KV), dim=1)
-        v = qkv[:, :, H + KV :].transpose(1, 2)
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, D).transpose(1, 2)
+        q, k = apply_rope(qkv[:, : H + KV], cos, sin).split((H, KV), dim=1)  # q and k rotated in one go
+        v = qkv[:, H + KV :]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
         else:
@@ -140,7 +140,8 @@ class Decoder(nn.Module):
             if p.dim() == 1:  # RMSNorm weights
                 nn.init.ones_(p)
             else:
-                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else self.cfg.init_std
+                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+                std = residual_std if residual else self.cfg.init_std
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def _build_rope(self, length: int, device) -> None:
@@ -170,8 +171,7 @@ class Decoder(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start} used + {T} new do not fit")
         if start + T > self.rope_cos.shape[0]:  # generation past the trained length: extend the tables
             self._build_rope(max(2 * self.rope_cos.shape[0], start + T), idx.device)
-        cos = self.rope_cos[start : start + T].unsqueeze(1)
-        sin = self.rope_sin[start : start + T].unsqueeze(1)
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
         x = self.tok_embeddings(idx)
         dev = idx.device.type

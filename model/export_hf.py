@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
+from model.decoder import Decoder
 
 EOT = "<|endoftext|>"
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP
@@ -27,9 +28,29 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+def _check_matches(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """One clear line if the state_dict is not a Decoder of this config (wrong run or preset)."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
+    if cfg.tie_embeddings and "lm_head.weight" not in sd:
+        expected.pop("lm_head.weight")
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} (want {tuple(s)})"
+        for k, s in expected.items()
+        if k in sd and sd[k].shape != s
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"state_dict does not match the model config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
+        )
+
+
 def hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our parameter names and fused layouts -> HF LlamaForCausalLM names, contiguous CPU tensors."""
     sd = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    _check_matches(sd, cfg)
     q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
@@ -116,7 +137,7 @@ def export_hf(
                 "clean_up_tokenization_spaces": False,
             }
             _write_json(tmp / "tokenizer_config.json", tok_cfg)
-        if out_dir.exists():  # replace a previous export: move it aside, put the new one in place, drop the old
+        if out_dir.exists():  # replace a previous export: move it aside, put the new one in, drop the old
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             out_dir.rename(old)
             tmp.rename(out_dir)

@@ -47,7 +47,9 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be [batch, tokens] with at least one token, got {tuple(prompt_ids.shape)}")
+        raise ValueError(
+            f"prompt_ids must be [batch, tokens] with at least one token, got {tuple(prompt_ids.shape)}"
+        )
 
     was_training = model.training
     model.eval()

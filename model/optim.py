@@ -13,7 +13,7 @@ from model.config import TrainConfig
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine or WSD."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     min_lr = t.lr * t.min_lr_ratio

@@ -39,7 +39,7 @@ from model.data import BatchLoader, TokenDataset, eval_batches
 from model.decoder import Decoder
 from model.hardware import peak_flops
 from model.metrics import MetricsLogger
-from model.optim import build_optimizer, build_scheduler, lr_at
+from model.optim import build_optimizer, build_scheduler
 
 
 @dataclass
@@ -154,8 +154,10 @@ def evaluate(model: nn.Module, batches, autocast, d: Dist) -> float:
     return total / max(count, 1)
 
 
-# Full (unsharded) state on CPU: one checkpoint format whatever the parallelism or world size.
-SAVE_OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Full (unsharded) state: one checkpoint format whatever the parallelism or world size. FSDP gathers it to
+# host memory; otherwise the Checkpointer's snapshot does the one device-to-host copy itself.
+FSDP_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+PLAIN_SAVE = StateDictOptions(full_state_dict=True)
 
 
 def train(
@@ -176,7 +178,9 @@ def train(
     run_dir = Path(run_dir)
     t, m = spec.train, spec.model
     if not spec.data.path:
-        raise ConfigError("data.path is not set: stage the dataset first (it must point at a manifest.json folder)")
+        raise ConfigError(
+            "data.path is not set: stage the dataset first (it must point at a manifest.json folder)"
+        )
     d = setup_distributed(device)
     if d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -236,9 +240,10 @@ def train(
         need_all_ranks = spec.train.parallel == "fsdp" and d.world_size > 1
         if not (d.main or need_all_ranks):
             return
+        options = FSDP_SAVE if need_all_ranks else PLAIN_SAVE
         state = {
-            "model": get_model_state_dict(raw, options=SAVE_OPTIONS),
-            "optim": get_optimizer_state_dict(raw, opt, options=SAVE_OPTIONS),
+            "model": get_model_state_dict(raw, options=options),
+            "optim": get_optimizer_state_dict(raw, opt, options=options),
             "sched": sched.state_dict(),
             "rng": rng_state(),
         }
@@ -377,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        result = train(spec, run_dir, device=args.device, stop_at=args.stop_at, should_stop=lambda: stop["flag"])
+        result = train(
+            spec, run_dir, device=args.device, stop_at=args.stop_at, should_stop=lambda: stop["flag"]
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("preset", "params", "layers", "d_model", "heads (q/kv)", "seq", "FLOPs/token", "batch tokens")
+    table = Table(
+        "preset", "params", "layers", "d_model", "heads (q/kv)", "seq", "FLOPs/token", "batch tokens"
+    )
     for r in sorted(rows, key=lambda r: r["params"]):
         table.add_row(
             r["preset"],
@@ -92,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help="preset name (tiny, 124m, 350m, 1b) or a YAML path")
     src.add_argument("--config", help="a run's resolved config.yaml")
     p.add_argument("--run-dir", required=True, help="where checkpoints/ and metrics.jsonl go")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=100")
+    p.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=100"
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this many steps")
     p.set_defaults(func=cmd_train)

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from model.config import DEFAULT_CORPUS
+from model.config import DEFAULT_CORPUS, resolve
 from model.shards import Manifest, prepare_dataset, read_jsonl_texts
 from model.tokenizer import Tokenizer
 
-TINY_VOCAB = 4096  # the tiny preset's vocab_size
+TINY_VOCAB = resolve("tiny").model.vocab_size
 TINY_SHARD_TOKENS = 65536  # small enough that the corpus spans several train shards
 
 

@@ -105,10 +105,12 @@ def test_rng_state_restores_every_generator():
     assert draw() == first
 
 
-def test_tied_tensors_are_stored_once(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_tied_tensors_are_stored_once(tmp_path, async_save):
     w = torch.randn(256, 64)
-    c = Checkpointer(tmp_path)
+    c = Checkpointer(tmp_path, async_save=async_save)
     c.save(1, {"model": {"emb": w, "head": w.detach()}}, {})
+    c.wait()
     assert (c.step_dir(1) / "model.pt").stat().st_size < w.numel() * 4 * 1.5
     state, _ = c.load()
     assert state["model"]["emb"].data_ptr() == state["model"]["head"].data_ptr()
@@ -152,6 +154,10 @@ def test_keep_last_k_and_clean_uncommitted(tmp_path):
     c.save(9, {"model": {"w": torch.ones(4)}}, {})  # overwrites the leftover
     assert files_of(c, 9) == [COMMIT, "meta.json", "model.pt"]
     assert torch.equal(c.load()[0]["model"]["w"], torch.ones(4))
+    assert c.committed_steps() == [5, 9]
+
+    c.save(3, {"model": {"w": torch.ones(4)}}, {})  # older than the kept ones: still never pruned at once
+    assert c.committed_steps() == [3, 5, 9]
 
 
 # ---------------------------------------------------------------- corruption
@@ -228,6 +234,39 @@ def test_async_save_returns_before_writing_and_snapshots(tmp_path, gated_writes)
     assert c.latest() == 1
     state, _ = c.load()
     assert all(torch.equal(state["model"][k], v) for k, v in before.items())
+
+
+def test_async_snapshot_buffers_are_reused_safely(tmp_path):
+    model = nn.Linear(32, 32)
+    c = Checkpointer(tmp_path, keep=3, async_save=True)
+    expected, buffers = {}, {}
+    for step in (1, 2, 3):
+        expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        c.save(step, {"model": model.state_dict()}, {})
+        buffers[step] = list(c._buffers)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2.0).add_(1.0)
+    c.wait()
+    assert len(buffers[3]) == 2 and all(a is b for a, b in zip(buffers[2], buffers[3], strict=True))
+    for step, want in expected.items():
+        state, _ = c.load(step=step)
+        assert all(torch.equal(state["model"][k], v) for k, v in want.items())
+    c.close()
+    assert c._buffers == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_async_save_of_cuda_state(tmp_path):
+    w = torch.randn(1000, 100, device="cuda")
+    c = Checkpointer(tmp_path, async_save=True)
+    for step in (1, 2):
+        c.save(step, {"model": {"w": w}, "rng": rng_state()}, {})
+        want = w.cpu()
+        w.add_(1.0)
+    c.close()
+    state, _ = c.load(map_location="cuda")
+    assert state["model"]["w"].is_cuda and torch.equal(state["model"]["w"].cpu(), want)
 
 
 def test_async_saves_are_serialised(tmp_path, gated_writes):

@@ -32,7 +32,7 @@ def test_presets_resolve_with_expected_sizes():
         ("train.checkpoint_every=7", ("train", "checkpoint_every"), 7),
         ("train.global_batch_tokens=32768", ("train", "global_batch_tokens"), 32768),
         ("model.n_layers=2", ("model", "n_layers"), 2),
-        ("model.d_model=96", ("model", "d_model"), 96),
+        ("model.d_model=192", ("model", "d_model"), 192),
         ("model.tie_embeddings=false", ("model", "tie_embeddings"), False),
         ("train.schedule=wsd", ("train", "schedule"), "wsd"),
         ("wandb.entity=me", ("wandb", "entity"), "me"),
@@ -61,8 +61,9 @@ def test_every_key_is_overridable():
         (["nope=1"], ["unknown override key 'nope'", "train.steps"]),
         (["train.lr=-1"], ["train.lr", "greater than 0", "-1"]),
         (["train.lr=fast"], ["train.lr", "valid number", "'fast'"]),
-        (["model.d_model=100"], ["d_model (100)", "n_heads (6)"]),
-        (["model.n_kv_heads=4"], ["n_heads (6)", "n_kv_heads (4)"]),
+        (["model.d_model=90"], ["d_model (90)", "n_heads (4)"]),
+        (["model.d_model=100"], ["head_dim", "25", "even"]),
+        (["model.n_kv_heads=3"], ["n_heads (4)", "n_kv_heads (3)"]),
         (["train.steps"], ["key=value"]),
         (["train.global_batch_tokens=1000"], ["global_batch_tokens (1000)", "multiple of"]),
         (["train.schedule=linear"], ["train.schedule", "'cosine'", "'wsd'"]),
@@ -80,7 +81,7 @@ def test_bad_overrides_name_the_problem(overrides, fragments):
 
 
 def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
+    with pytest.raises(ConfigError, match="unknown preset .huge.*tiny"):
         resolve("huge")
     with pytest.raises(ConfigError, match="unknown preset"):
         resolve("../configs/tiny")
@@ -103,9 +104,9 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_grad_accum_divides_or_explains():
-    spec = resolve("tiny")  # 64 sequences, micro 16
-    assert spec.grad_accum_steps(1) == 4
-    assert spec.grad_accum_steps(2) == 2
+    spec = resolve("tiny", ["train.global_batch_tokens=8192"])  # 64 sequences, micro 8
+    assert spec.grad_accum_steps(1) == 8
+    assert spec.grad_accum_steps(2) == 4
     with pytest.raises(ConfigError, match="does not split over 3 workers"):
         spec.grad_accum_steps(3)
 

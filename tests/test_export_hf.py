@@ -34,11 +34,14 @@ def small_model(tie: bool, n_kv_heads: int, rope_theta: float) -> Decoder:
 
 
 def load_hf(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return transformers.LlamaForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 @pytest.mark.parametrize(
-    "tie, n_kv_heads, rope_theta", [(True, 2, 10000.0), (False, 2, 500000.0), (False, 4, 123.0), (True, 1, 31.0)]
+    "tie, n_kv_heads, rope_theta",
+    [(True, 2, 10000.0), (False, 2, 500000.0), (False, 4, 123.0), (True, 1, 31.0)],
 )
 def test_transformers_loads_the_export_and_agrees(tmp_path, tie, n_kv_heads, rope_theta):
     model = small_model(tie, n_kv_heads, rope_theta)
@@ -65,7 +68,11 @@ def test_transformers_loads_the_export_and_agrees(tmp_path, tie, n_kv_heads, rop
 def test_config_and_file_layout(tmp_path):
     model = small_model(False, 2, 10000.0)
     out = export_hf(model.state_dict(), model.cfg, tmp_path / "hf", eot_id=5)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]) == (64, 96, 16)
@@ -87,7 +94,8 @@ def test_tied_export_has_no_lm_head(tmp_path):
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+        names = set(f.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
 
 
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod."])
@@ -103,10 +111,10 @@ def test_failed_export_leaves_nothing_and_keeps_a_previous_export(tmp_path):
     out = export_hf(model.state_dict(), model.cfg, tmp_path / "hf")
     before = (out / "model.safetensors").read_bytes()
     broken = {k: v for k, v in model.state_dict().items() if "layers.1." not in k}
-    with pytest.raises((KeyError, ValueError)):
+    with pytest.raises(ValueError, match=r"missing \['layers\.1\."):
         export_hf(broken, model.cfg, tmp_path / "hf")
-    with pytest.raises((KeyError, ValueError)):
-        export_hf(broken, model.cfg, tmp_path / "fresh")
+    with pytest.raises(ValueError, match="wrong shape"):
+        export_hf(model.state_dict(), model.cfg.model_copy(update={"d_ff": 128}), tmp_path / "fresh")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dirs, no half-written "fresh"
     assert (out / "model.safetensors").read_bytes() == before
 
@@ -118,7 +126,10 @@ def test_tokenizer_files_load_in_transformers(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=300,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20
     tok.train_from_iterator([text], trainer)
@@ -126,7 +137,13 @@ def test_tokenizer_files_load_in_transformers(tmp_path):
     eot_id = tok.token_to_id(EOT)
 
     model = small_model(True, 2, 10000.0)
-    out = export_hf(model.state_dict(), model.cfg, tmp_path / "hf", tokenizer_json=tmp_path / "tokenizer.json", eot_id=eot_id)
+    out = export_hf(
+        model.state_dict(),
+        model.cfg,
+        tmp_path / "hf",
+        tokenizer_json=tmp_path / "tokenizer.json",
+        eot_id=eot_id,
+    )
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert isinstance(hf_tok, transformers.PreTrainedTokenizerFast)
     sentence = "Whether 'tis nobler, or not: that is the question."

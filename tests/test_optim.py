@@ -25,7 +25,7 @@ def test_cosine_ends_at_min_lr():
     assert lr_at(55, t) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(100, t) == pytest.approx(1e-4)
     lrs = [lr_at(s, t) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 def test_wsd_holds_then_decays():

@@ -305,7 +305,11 @@ def test_prepared_corpus_equals_direct_tokenization(tiny_dataset, tiny_tokenizer
         == manifest.tokenizer_sha256
         == tiny_tokenizer.sha256
     )
-    assert (manifest.vocab_size, manifest.eot_id, manifest.dtype) == (4096, tiny_tokenizer.eot_id, "uint16")
+    assert (manifest.vocab_size, manifest.eot_id, manifest.dtype) == (
+        tiny_tokenizer.vocab_size,
+        tiny_tokenizer.eot_id,
+        "uint16",
+    )
     assert len(manifest.train) > 1 and all(s.tokens == 65536 for s in manifest.train[:-1])
 
     # replay the routing rule on directly tokenized documents

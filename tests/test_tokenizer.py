@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_VOCAB
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -68,7 +69,7 @@ def test_decode_bytes_is_exact_for_any_bytes(tiny_tokenizer, single_byte_ids, b)
     assert tiny_tokenizer.decode_bytes([single_byte_ids[x] for x in b]) == b
 
 
-@given(st.lists(st.integers(0, 4095), max_size=32))
+@given(st.lists(st.integers(0, TINY_VOCAB - 1), max_size=32))
 @settings(max_examples=200, deadline=None)
 def test_decode_is_lossy_utf8_of_decode_bytes(tiny_tokenizer, ids):
     """decode() may cut a character; it then shows U+FFFD exactly where Python's decoder would."""
@@ -86,7 +87,7 @@ def test_streaming_a_split_character(tiny_tokenizer):
 
 def test_trained_shape(tiny_tokenizer, corpus_texts):
     tok = tiny_tokenizer
-    assert tok.vocab_size == 4096
+    assert tok.vocab_size == TINY_VOCAB
     assert tok.eot_id == tok.backend.token_to_id(EOT)
     assert tok.decode([tok.eot_id]) == EOT
     assert tok.backend.post_processor is None

@@ -114,8 +114,17 @@ def test_resume_on_two_processes_matches(small_data, reference, tmp_path):
     port = _free_port()
     proc = _run_module(
         [
-            "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-            "--master_addr=127.0.0.1", "-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path),
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "--master_addr=127.0.0.1",
+            "-m",
+            "model.train",
+            "--config",
+            str(config),
+            "--run-dir",
+            str(tmp_path),
         ],  # fmt: skip
         {"OMP_NUM_THREADS": "1"},
     )
