@@ -1,0 +1,73 @@
+"""Use a trained run: load its newest committed checkpoint, sample text, export to Hugging Face.
+
+The checkpoint's meta carries the resolved config and the staged data folder, whose tokenizer.json
+is the one the model was trained with; nothing else needs to be passed around.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import Checkpointer
+from model.config import ConfigError, RunSpec
+from model.decoder import Decoder
+from model.export_hf import export_hf
+from model.generate import generate
+from model.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainedModel:
+    model: Decoder
+    spec: RunSpec
+    tokenizer_path: Path
+    step: int
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.tokenizer_path)
+
+
+def load_trained(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> TrainedModel:
+    """The model of a run's newest committed checkpoint (or of `step`), in eval mode."""
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints")
+    loaded = ckpt.load(step, keys=["model"])
+    if loaded is None:
+        raise ConfigError(f"run {run_dir} has no committed checkpoint yet")
+    state, meta = loaded
+    spec = RunSpec.model_validate(meta["config"])
+    model = Decoder(spec.model)
+    model.load_state_dict(state["model"])
+    tokenizer_path = Path(meta["data"]["path"]) / "tokenizer.json"
+    return TrainedModel(model.to(device).eval(), spec, tokenizer_path, int(meta["step"]))
+
+
+def sample(
+    trained: TrainedModel,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> str:
+    """Continue `prompt`; stops at end-of-text. Seeded, so the same call gives the same text."""
+    tok = trained.tokenizer
+    device = trained.model.lm_head.weight.device
+    ids = torch.tensor([tok.encode(prompt) or [tok.eot_id]], device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = generate(trained.model, ids, max_new_tokens, temperature, top_k, top_p, tok.eot_id, gen)
+    new = [i for i in out[0, ids.shape[1] :].tolist() if i != tok.eot_id]
+    return tok.decode(new)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """Hugging Face Llama folder (config.json, model.safetensors, tokenizer files) of a run's checkpoint."""
+    trained = load_trained(run_dir, step)
+    tok = trained.tokenizer
+    return export_hf(
+        trained.model.state_dict(), trained.spec.model, Path(out_dir), trained.tokenizer_path, tok.eot_id
+    )
