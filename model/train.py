@@ -195,7 +195,7 @@ def train(
     torch.manual_seed(t.seed)
     raw = Decoder(m).to(d.device)
     model = wrap_model(raw, spec, d, bf16)
-    opt = build_optimizer(raw, t, d.device.type)
+    opt = build_optimizer(raw, t)
     sched = build_scheduler(opt, t)
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
