@@ -11,7 +11,7 @@ weights + one moment would need ~20 GB; so by default the 1b case saves the weig
 ~10 GB peak) and the figures are extrapolated x3 (I/O is linear in bytes: compare 124m and 350m, and
 the 350m state is about the size of the 1b weights). --full-1b measures the whole state (~32 GB RAM).
 
-    python bench/checkpoint_io.py [--sizes 124m,1b] [--root /tmp/lmctl-ckpt-bench] [--full-1b] [--device cuda]
+    python -m bench.checkpoint_io [--sizes 124m,1b] [--root /tmp/lmctl-ckpt-bench] [--full-1b] [--device cuda]
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model.checkpoint import Checkpointer  # noqa: E402
-from model.config import ModelConfig, param_count, resolve  # noqa: E402
+from model.checkpoint import Checkpointer
+from model.config import ModelConfig, param_count, resolve
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_io.json"
