@@ -255,3 +255,11 @@ def test_wandb_offline_run_gets_the_metrics(small_data, tmp_path, monkeypatch):
     history = _wandb_history(runs[0])
     assert [row["loss"] for row in history] == train_losses(tmp_path)
     assert [row["val_loss"] for row in history if "val_loss" in row] == val_losses(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option, rel", [("train.compile=true", 1e-4), ("train.precision=bf16", 5e-2)])
+def test_compiled_and_bf16_loops_track_the_fp32_reference(small_data, reference, tmp_path, option, rel):
+    """torch.compile and bf16 autocast change the arithmetic, not the function: losses stay close."""
+    train(small_spec(small_data, option), tmp_path, stop_at=4)
+    assert train_losses(tmp_path) == pytest.approx(train_losses(reference)[:4], rel=rel)
