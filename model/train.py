@@ -37,6 +37,7 @@ from model.checkpoint import Checkpointer, rng_state, set_rng_state
 from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resolve
 from model.data import BatchLoader, TokenDataset, eval_batches
 from model.decoder import Decoder
+from model.faults import fault_point
 from model.hardware import peak_flops
 from model.metrics import MetricsLogger
 from model.optim import build_optimizer, build_scheduler
@@ -172,7 +173,8 @@ def train(
     """Train `spec` in `run_dir`, resuming from its newest committed checkpoint.
 
     stop_at: stop (with a checkpoint) once this many steps are done, as if asked to stop.
-    should_stop: polled every step (e.g. SIGTERM seen); any rank asking stops all ranks, after a checkpoint.
+    should_stop: polled at logging steps (e.g. SIGTERM seen); any rank asking stops all ranks, after a
+        checkpoint.
     on_log: called on every rank with each logged record (Ray reports through this).
     """
     run_dir = Path(run_dir)
@@ -182,6 +184,8 @@ def train(
             "data.path is not set: stage the dataset first (it must point at a manifest.json folder)"
         )
     d = setup_distributed(device)
+    if d.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
     if d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
@@ -275,6 +279,7 @@ def train(
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            fault_point("train.step")
 
             log_now = step % t.log_every == 0 or step == t.steps
             if log_now:
@@ -296,16 +301,20 @@ def train(
                 metrics.log(rec)
                 if on_log:
                     on_log(rec)
+            paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
             if step % t.eval_every == 0 or step == t.steps:
                 last_val = evaluate(model, val_batches, autocast, d)
                 rec = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0))}
                 metrics.log(rec)
                 if on_log:
                     on_log(rec)
-            asked = (stop_at is not None and step >= stop_at) or bool(should_stop and should_stop())
-            stop_requested = _any_rank(asked, d) and step < t.steps
+            asked = stop_at is not None and step >= stop_at  # the same on every rank
+            if should_stop and log_now:  # agreeing costs a sync, so only at logging steps
+                asked = _any_rank(should_stop(), d) or asked
+            stop_requested = asked and step < t.steps
             if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
                 save(step)
+            tick += time.perf_counter() - paused
             if stop_requested:
                 break
     finally:

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import random
 import subprocess
 import sys
@@ -299,9 +300,10 @@ def test_async_error_is_raised_by_wait(tmp_path, monkeypatch):
 
 
 def test_fault_spec_parsing(monkeypatch):
-    assert faults._parse("checkpoint.after_file:2, stage.upload") == {
-        "checkpoint.after_file": 2,
-        "stage.upload": 1,
+    assert faults._parse("checkpoint.after_file:2, stage.upload, train.step:3:TERM") == {
+        "checkpoint.after_file": (2, signal.SIGKILL),
+        "stage.upload": (1, signal.SIGKILL),
+        "train.step": (3, signal.SIGTERM),
     }
     monkeypatch.delenv(faults.ENV, raising=False)
     faults.reset()

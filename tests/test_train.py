@@ -263,3 +263,18 @@ def test_compiled_and_bf16_loops_track_the_fp32_reference(small_data, reference,
     """torch.compile and bf16 autocast change the arithmetic, not the function: losses stay close."""
     train(small_spec(small_data, option), tmp_path, stop_at=4)
     assert train_losses(tmp_path) == pytest.approx(train_losses(reference)[:4], rel=rel)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(small_data, reference, tmp_path):
+    spec = small_spec(small_data, "train.log_every=2")
+    config = tmp_path / "config.yaml"
+    config.write_text(spec.to_yaml())
+    args = ["-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path)]
+    stopped = _run_module(args, {"LMCTL_FAULT": "train.step:3:TERM"})  # SIGTERM right after step 3
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped at step 4" in stopped.stdout  # seen at the next logging step, checkpointed there
+    assert Checkpointer(tmp_path / "checkpoints").latest() == 4
+    resumed = _run_module(args)
+    assert "resumed from checkpoint at step 4" in resumed.stdout
+    assert train_losses(tmp_path) == train_losses(reference)[1::2]  # every 2nd step logged
