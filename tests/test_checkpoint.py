@@ -6,8 +6,8 @@ import copy
 import json
 import logging
 import os
-import signal
 import random
+import signal
 import subprocess
 import sys
 import threading
