@@ -9,6 +9,7 @@ once, resuming needs only the step, and every world size sees the same global ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -22,28 +23,52 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class TokenDataset:
-    """One split of a staged dataset (a directory with manifest.json), shards memory-mapped."""
+    """One split of a staged dataset (a directory with manifest.json), shards memory-mapped.
 
-    def __init__(self, data_dir: str | Path, split: Literal["train", "val"], seq_len: int):
+    With `shard_ready`, shards are opened lazily and `shard_ready(name)` runs first, so training can
+    start while later shards are still downloading (see model/staged.py): the hook blocks until that
+    shard is in place. Without it every shard is opened and checked up front.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: Literal["train", "val"],
+        seq_len: int,
+        shard_ready: Callable[[str], None] | None = None,
+    ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, got {seq_len}")
         self.data_dir, self.split, self.seq_len = Path(data_dir), split, seq_len
         self.manifest: Manifest = read_manifest(data_dir)
-        self.shards = []
-        for info in self.manifest.shards(split):
-            shard = read_shard(self.data_dir / info.name)
-            if shard.size != info.tokens:
-                raise ValueError(f"{info.name} holds {shard.size} tokens, the manifest says {info.tokens}")
-            self.shards.append(shard)
-        per_shard = [max(s.size - 1, 0) // seq_len for s in self.shards]
+        self.shard_ready = shard_ready
+        self._infos = self.manifest.shards(split)
+        self.shards: list[np.ndarray | None] = [None] * len(self._infos)
+        if shard_ready is None:
+            for k in range(len(self._infos)):
+                self._shard(k)
+        per_shard = [max(info.tokens - 1, 0) // seq_len for info in self._infos]
         self._starts = np.cumsum([0, *per_shard])  # first sequence id of each shard
         self.n_sequences = int(self._starts[-1])
         if self.n_sequences == 0:
-            sizes = [s.size for s in self.shards]
+            sizes = [info.tokens for info in self._infos]
             raise ValueError(
                 f"{split} split of {data_dir} has no full sequence of seq_len + 1 = {seq_len + 1} tokens "
                 f"(shard sizes: {sizes or 'no shards'}); use a smaller seq_len or more data"
             )
+
+    def _shard(self, k: int) -> np.ndarray:
+        """Shard k, memory-mapped on first use and checked against the manifest."""
+        shard = self.shards[k]
+        if shard is None:
+            info = self._infos[k]
+            if self.shard_ready is not None:
+                self.shard_ready(info.name)
+            shard = read_shard(self.data_dir / info.name)
+            if shard.size != info.tokens:
+                raise ValueError(f"{info.name} holds {shard.size} tokens, the manifest says {info.tokens}")
+            self.shards[k] = shard
+        return shard
 
     def __len__(self) -> int:
         return self.n_sequences
@@ -54,7 +79,7 @@ class TokenDataset:
             raise IndexError(f"sequence {i} out of range [0, {self.n_sequences})")
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
         start = (i - int(self._starts[shard])) * self.seq_len
-        return self.shards[shard][start : start + self.seq_len + 1]
+        return self._shard(shard)[start : start + self.seq_len + 1]
 
     def sequences(self, ids: np.ndarray) -> np.ndarray:
         """Stack the given sequences into an int64 array [len(ids), seq_len + 1]."""

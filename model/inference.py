@@ -16,6 +16,7 @@ from model.config import ConfigError, RunSpec
 from model.decoder import Decoder
 from model.export_hf import export_hf
 from model.generate import generate
+from model.staged import data_cache_dir, fetch_tokenizer
 from model.tokenizer import Tokenizer
 
 
@@ -41,7 +42,7 @@ def load_trained(run_dir: str | Path, step: int | None = None, device: str = "cp
     spec = RunSpec.model_validate(meta["config"])
     model = Decoder(spec.model)
     model.load_state_dict(state["model"])
-    tokenizer_path = Path(meta["data"]["path"]) / "tokenizer.json"
+    tokenizer_path = fetch_tokenizer(meta["data"]["path"], data_cache_dir())
     return TrainedModel(model.to(device).eval(), spec, tokenizer_path, int(meta["step"]))
 
 

@@ -1,7 +1,7 @@
 """Object stores: one interface over a plain directory (file://) and S3-compatible buckets (s3://).
 
-Both the control plane (staging) and the workers (shard fetch, checkpoints) import this module, so it
-needs only the standard library until an S3 store is first used; boto3 is imported then.
+Both the control plane (staging) and the workers (shard fetch, checkpoints) import this module; it
+imports nothing heavy (no torch), and boto3 only when an S3 store is first used.
 
 Keys are "/"-separated names relative to the store's root (`datasets/<hash>/manifest.json`). Every
 transfer is verified before it counts: uploads by size and sha256 (kept as the object's `sha256`
@@ -101,6 +101,11 @@ class Store:
     def size(self, key: str) -> int | None:
         raise NotImplementedError
 
+    def stored_sha256(self, key: str) -> str | None:
+        """sha256 of an object without downloading it (None if missing or unrecorded): lets staging skip
+        what is already in place."""
+        raise NotImplementedError
+
     def put_file(self, local: Path, key: str, sha256: str | None = None) -> None:
         raise NotImplementedError
 
@@ -144,7 +149,9 @@ def _land(tmp: Path, dest: Path, size: int | None, sha256: str | None, source: s
     if size is not None and got != size:
         raise StoreError(f"{source}: copied {got} bytes, expected {size} (truncated or changed during copy)")
     if sha256 is not None and (actual := file_sha256(tmp)) != sha256:
-        raise StoreError(f"{source} is corrupt: sha256 {actual[:12]}... differs from the expected {sha256[:12]}...")
+        raise StoreError(
+            f"{source} is corrupt: sha256 {actual[:12]}... differs from the expected {sha256[:12]}..."
+        )
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dest)
@@ -158,7 +165,7 @@ def _land(tmp: Path, dest: Path, size: int | None, sha256: str | None, source: s
 
 @contextlib.contextmanager
 def _tmp_next_to(dest: Path) -> Iterator[Path]:
-    """A fresh tmp path in dest's folder (same filesystem, so the final rename is atomic); removed on error."""
+    """A fresh tmp path in dest's folder (same filesystem: the final rename is atomic); removed on error."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
@@ -194,6 +201,11 @@ class FileStore(Store):
         path = self._path(key)
         return path.stat().st_size if path.is_file() else None
 
+    def stored_sha256(self, key: str) -> str | None:
+        """Hashed in place: a local read is as cheap as any metadata would be, and cannot go stale."""
+        path = self._path(key)
+        return file_sha256(path) if path.is_file() else None
+
     def put_file(self, local: Path, key: str, sha256: str | None = None) -> None:
         """Atomic copy, then re-hash the copy when a sha256 is given (size only otherwise)."""
         self._copy(Path(local), self._path(key), sha256, f"upload of {local} to {self.url(key)}")
@@ -223,7 +235,8 @@ class FileStore(Store):
             raise StoreError(f"{self.url(key)} does not exist") from None
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        prefix = prefix.rstrip("/")
+        base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
         return sorted(
@@ -276,7 +289,10 @@ class S3Store(Store):
             read_timeout=READ_TIMEOUT,
             max_pool_connections=32,  # several files at once, each with max_concurrency parts in flight
         )
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+        try:
+            return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+        except ValueError as e:  # a malformed endpoint, from the argument or AWS_ENDPOINT_URL(_S3)
+            raise StoreError(f"invalid S3 endpoint for {self.uri}: {e}; use http(s)://host[:port]") from None
 
     @property
     def client(self) -> Any:
@@ -317,6 +333,11 @@ class S3Store(Store):
         head = self._head(key)
         return None if head is None else head["ContentLength"]
 
+    def stored_sha256(self, key: str) -> str | None:
+        """The `sha256` metadata that put_file and put_bytes record (one HEAD)."""
+        head = self._head(key)
+        return None if head is None else head.get("Metadata", {}).get(SHA_META)
+
     def put_file(self, local: Path, key: str, sha256: str | None = None) -> None:
         """Upload (multipart and concurrent above the threshold), then HEAD to check size and sha256.
 
@@ -333,7 +354,10 @@ class S3Store(Store):
             )
         with self._errors("upload to", key):
             self.client.upload_file(
-                str(local), self.bucket, self._key(key), ExtraArgs={"Metadata": {SHA_META: actual}},
+                str(local),
+                self.bucket,
+                self._key(key),
+                ExtraArgs={"Metadata": {SHA_META: actual}},
                 Config=self._config(),
             )
         head = self._head(key)
@@ -362,7 +386,9 @@ class S3Store(Store):
 
         with self._errors("PUT of", key):
             self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
                 Metadata={SHA_META: hashlib.sha256(data).hexdigest()},
             )
 
@@ -381,11 +407,13 @@ class S3Store(Store):
         return buf.getvalue()
 
     def list(self, prefix: str = "") -> list[str]:
-        root = f"{self.prefix}/" if self.prefix else ""
-        full = f"{self._key(prefix.rstrip('/'))}/" if prefix else root
+        root, prefix = (f"{self.prefix}/" if self.prefix else ""), prefix.rstrip("/")
+        full = f"{self._key(prefix)}/" if prefix else root
         keys = []
         with self._errors("listing of", prefix or None):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full
+            ):
                 keys += [obj["Key"][len(root) :] for obj in page.get("Contents", [])]
         return sorted(keys)
 
@@ -449,17 +477,18 @@ class S3Store(Store):
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         where = f"{self.endpoint} ({self.uri})"
         if code == "InvalidAccessKeyId":
-            return f"{where} does not know the access key in use: {_CREDENTIALS_FIX} with keys for this endpoint"
+            return f"{where} does not know the access key id (InvalidAccessKeyId): {_CREDENTIALS_FIX} for it"
         if code == "SignatureDoesNotMatch":
-            return f"{where} rejected the request signature: the secret key does not match the access key; {_CREDENTIALS_FIX}"
+            return f"{where}: wrong secret key for the key id (SignatureDoesNotMatch); {_CREDENTIALS_FIX}"
         if code in ("InvalidToken", "ExpiredToken"):
             return f"{where} rejected the session token ({code}): refresh AWS_SESSION_TOKEN or unset it"
         if code == "NoSuchBucket" or (code == "404" and action.startswith("HEAD of bucket")):
-            return f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it or fix the URI {self.uri!r}"
+            return f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it or fix {self.uri}"
         if code == "AccessDenied" or status == 403:
+            why = "are wrong or lack" if code == "403" else "lack"  # a HEAD's 403 has no body to tell which
             return (
-                f"access denied: {action} {what} at {self.endpoint}: the credentials lack permission on bucket "
-                f"{self.bucket!r} (needs s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject)"
+                f"access denied: {action} {what} at {self.endpoint}: the credentials {why} permission on "
+                f"bucket {self.bucket!r} (needs s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject)"
             )
         if code in ("NoSuchKey", "404") or status == 404:
             return f"{what} does not exist"

@@ -35,12 +35,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from model.checkpoint import Checkpointer, rng_state, set_rng_state
 from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resolve
-from model.data import BatchLoader, TokenDataset, eval_batches
+from model.data import BatchLoader, eval_batches
 from model.decoder import Decoder
 from model.faults import fault_point
 from model.hardware import peak_flops
 from model.metrics import MetricsLogger
 from model.optim import build_optimizer, build_scheduler
+from model.staged import data_cache_dir, fetch_dataset
+from model.store import StoreError
 
 
 @dataclass
@@ -181,7 +183,7 @@ def train(
     t, m = spec.train, spec.model
     if not spec.data.path:
         raise ConfigError(
-            "data.path is not set: stage the dataset first (it must point at a manifest.json folder)"
+            "data.path is not set: stage the dataset first (a folder or store URI with a manifest.json)"
         )
     d = setup_distributed(device)
     if d.device.type == "cuda":
@@ -217,8 +219,8 @@ def train(
         if d.main:
             print(f"resumed from checkpoint at step {start_step}", flush=True)
 
-    train_data = TokenDataset(spec.data.path, "train", m.seq_len)
-    val_data = TokenDataset(spec.data.path, "val", m.seq_len)
+    staged = fetch_dataset(spec.data.path, data_cache_dir())  # a store URI is cached on this machine once
+    train_data, val_data = staged.dataset("train", m.seq_len), staged.dataset("val", m.seq_len)
     if train_data.manifest.vocab_size > m.vocab_size:
         raise ConfigError(
             f"the staged tokenizer has {train_data.manifest.vocab_size} tokens but model.vocab_size is "
@@ -394,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             spec, run_dir, device=args.device, stop_at=args.stop_at, should_stop=lambda: stop["flag"]
         )
-    except ConfigError as e:
+    except (ConfigError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -34,3 +34,40 @@ def tiny_dataset(tmp_path_factory, corpus_texts, tiny_tokenizer) -> tuple[Path, 
         corpus_texts, tiny_tokenizer, out, TINY_SHARD_TOKENS, val_fraction=0.05, dataset="shakespeare"
     )
     return out, manifest
+
+
+# ---------------------------------------------------------------- loopback S3 (tests/s3.py)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Endpoint URL of moto's S3 server on a free 127.0.0.1 port, shared by the session; sets no env."""
+    from s3 import start_moto
+
+    server, endpoint = start_moto()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch, tmp_path_factory):
+    """Fake credentials and region for boto3, isolated from the user's ~/.aws, profile and endpoint vars."""
+    from s3 import FAKE_KEY, FAKE_SECRET, REGION
+
+    empty = tmp_path_factory.getbasetemp() / "no-aws-config"
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, s3_env):
+    """A fresh bucket per test: an S3Bucket(uri="s3://<bucket>/lmctl", endpoint=<server URL>)."""
+    from s3 import make_bucket
+
+    return make_bucket(s3_server)

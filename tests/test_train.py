@@ -278,3 +278,18 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(small_data, referen
     resumed = _run_module(args)
     assert "resumed from checkpoint at step 4" in resumed.stdout
     assert train_losses(tmp_path) == train_losses(reference)[1::2]  # every 2nd step logged
+
+
+def test_trains_from_a_dataset_in_s3(small_data, reference, s3_bucket, tmp_path, monkeypatch):
+    """data.path may be a store URI: the worker caches the shards once and trains on identical batches."""
+    from model.store import open_store
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_bucket.endpoint)  # how workers learn a non-AWS endpoint
+    store = open_store(s3_bucket.uri)
+    for f in sorted(Path(small_data).iterdir()):
+        store.put_file(f, f"datasets/abc123/{f.name}")
+    monkeypatch.setenv("LMCTL_CACHE", str(tmp_path / "cache"))
+    spec = resolve("tiny", [*SMALL, f"data.path={s3_bucket.uri}/datasets/abc123"])
+    train(spec, tmp_path / "run")
+    assert train_losses(tmp_path / "run") == train_losses(reference)
+    assert (tmp_path / "cache" / "datasets" / "abc123" / "manifest.json").exists()
