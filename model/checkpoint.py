@@ -33,6 +33,7 @@ import torch
 import torch.utils.serialization.config as torch_serialization_config
 
 from model.faults import fault_point
+from model.shards import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,6 @@ class _CrcWriter:
         self.f.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_stream(path: Path, fill: Callable[[BinaryIO], Any]) -> dict[str, int]:
     """Write a new file through fill(f), fsync it, check its size on disk; return {"size", "crc32"}."""
     path.unlink(missing_ok=True)  # a new inode: a loaded checkpoint may still be mmap-ed from the old one
@@ -88,17 +81,6 @@ def _write_stream(path: Path, fill: Callable[[BinaryIO], Any]) -> dict[str, int]
     if size != w.size:
         raise CheckpointError(f"{path}: wrote {w.size} bytes but {size} are on disk")
     return {"size": size, "crc32": w.crc}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + fsync dir: readers see the old file or the whole new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -273,16 +255,17 @@ class Checkpointer:
         d = self.step_dir(step)
         _delete_dir(d)  # leftovers of a crashed attempt at this step, or an older commit of it
         d.mkdir(exist_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         files = {}
         for i, (key, value) in enumerate(state.items()):
             files[f"{key}.pt"] = _write_stream(d / f"{key}.pt", lambda f, v=value: _torch_save(v, f))
             if i == 0:
                 fault_point("checkpoint.after_file")
         files[META] = _write_stream(d / META, lambda f: f.write(meta_bytes))
-        _fsync_dir(d)
+        fsync_dir(d)
         fault_point("checkpoint.before_commit")
-        _write_atomic(d / COMMIT, json.dumps({"step": step, "files": files}, indent=1).encode())
+        # tmp + fsync + rename + fsync dir: readers see no COMMIT or the whole one, never a torn one
+        atomic_write(d / COMMIT, [json.dumps({"step": step, "files": files}, indent=1).encode()])
         log.info("checkpoint step %d committed (%.1f MB)", step, sum(f["size"] for f in files.values()) / 1e6)
         self._prune(step)
 

@@ -78,11 +78,11 @@ def atomic_write(path: str | Path, chunks: Iterable[bytes]) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename durable: the directory entry itself must reach the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from model.shards import atomic_write, file_sha256
+from model.shards import atomic_write, file_sha256, fsync_dir
 
 URI_FORMS = (
     "s3://bucket/prefix (AWS S3, or R2/MinIO/B2/RunPod with --endpoint-url or AWS_ENDPOINT_URL_S3), "
@@ -156,11 +156,7 @@ def _land(tmp: Path, dest: Path, size: int | None, sha256: str | None, source: s
         os.fsync(f.fileno())
     os.replace(tmp, dest)
     with contextlib.suppress(OSError):  # make the rename durable where the platform allows it
-        fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(dest.parent)
 
 
 @contextlib.contextmanager
