@@ -91,6 +91,9 @@ class DataConfig(_Strict):
     """Where training text comes from and how it is split; `path` is the staged copy."""
 
     dataset: str = Field(str(DEFAULT_CORPUS), min_length=1, description="hub id, file or folder")
+    subset: str | None = Field(None, min_length=1, description="hub config name, e.g. sample-10BT")
+    split: str = Field("train", min_length=1)
+    revision: str | None = Field(None, min_length=1, description="hub branch, tag or commit")
     text_field: str = Field("text", min_length=1)
     tokenizer: str = Field("train", min_length=1, description="'train' or a path to tokenizer.json")
     val_fraction: float = Field(0.05, gt=0, lt=0.5)

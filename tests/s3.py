@@ -92,14 +92,15 @@ def iam_auth(endpoint: str, users: dict[str, list[str]]) -> Iterator[dict[str, t
     iam = s3_client(endpoint, service="iam")
     creds = {}
     for user, actions in users.items():
-        iam.create_user(UserName=user)
+        name = f"{user}-{uuid.uuid4().hex[:8]}"  # the moto server outlives a test: names must not repeat
+        iam.create_user(UserName=name)
         if actions:
             policy = {
                 "Version": "2012-10-17",
                 "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}],
             }
-            iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(policy))
-        key = iam.create_access_key(UserName=user)["AccessKey"]
+            iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
         creds[user] = (key["AccessKeyId"], key["SecretAccessKey"])
     _set_auth(endpoint, "0")
     try:
