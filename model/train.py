@@ -197,6 +197,15 @@ def train(
         else contextlib.nullcontext
     )
 
+    # Data first: a wrong data.path fails here, before anything is written.
+    staged = fetch_dataset(spec.data.path, data_cache_dir())  # a store URI is cached on this machine once
+    train_data, val_data = staged.dataset("train", m.seq_len), staged.dataset("val", m.seq_len)
+    if train_data.manifest.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"the staged tokenizer has {train_data.manifest.vocab_size} tokens but model.vocab_size is "
+            f"{m.vocab_size}; set model.vocab_size >= {train_data.manifest.vocab_size}"
+        )
+
     # Model, built identically on every rank from the seed, then (maybe) replaced by the checkpoint.
     torch.manual_seed(t.seed)
     raw = Decoder(m).to(d.device)
@@ -219,13 +228,6 @@ def train(
         if d.main:
             print(f"resumed from checkpoint at step {start_step}", flush=True)
 
-    staged = fetch_dataset(spec.data.path, data_cache_dir())  # a store URI is cached on this machine once
-    train_data, val_data = staged.dataset("train", m.seq_len), staged.dataset("val", m.seq_len)
-    if train_data.manifest.vocab_size > m.vocab_size:
-        raise ConfigError(
-            f"the staged tokenizer has {train_data.manifest.vocab_size} tokens but model.vocab_size is "
-            f"{m.vocab_size}; set model.vocab_size >= {train_data.manifest.vocab_size}"
-        )
     loader = BatchLoader(
         train_data, spec.global_batch_seqs, t.micro_batch_size, d.rank, d.world_size, t.seed, d.device
     )
@@ -378,11 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                 spec = resolve(args.config, args.override)
         else:
             spec = resolve(args.preset, args.override)
+            if spec.data.path:
+                fetch_dataset(spec.data.path, data_cache_dir())  # check it before writing anything
             run_dir.mkdir(parents=True, exist_ok=True)
             if not spec.data.path:
                 spec = prepare_local_data(spec, run_dir)
             (run_dir / "config.yaml").write_text(spec.to_yaml())
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
