@@ -9,18 +9,23 @@ Layout of one checkpoint:
 A reader trusts a step only when its COMMIT parses and every file matches it, so a SIGKILL at any
 instant leaves the previous checkpoint usable. Nothing relies on renaming a directory: an object
 store (s3://) cannot do that atomically, but it can PUT a small COMMIT object atomically, so the same
-protocol holds there once the storage functions below get a store backend.
+protocol holds there: with a store URI as root (s3://bucket/runs/r1/checkpoints, file:///...), each file
+is serialised to a local temp file exactly as for a folder, uploaded (verified), then deleted; COMMIT is
+one PUT. Loading downloads the chosen step into a local cache and verifies it against COMMIT there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
 import random
 import re
+import shutil
+import tempfile
 import threading
 import time
 import zlib
@@ -34,6 +39,7 @@ import torch.utils.serialization.config as torch_serialization_config
 
 from model.faults import fault_point
 from model.shards import atomic_write, fsync_dir
+from model.store import Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +55,9 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------- storage
-# The only functions that touch files. A store backend (s3://) replaces these; the protocol above them
-# speaks in paths, streams and bytes. crc32: zlib runs ~4 GB/s here, sha256 ~1.9 GB/s; we need to
-# catch torn and truncated files, not adversaries.
+# The only code that touches files: these functions and the adapters below (_Folder, _StoreFolder).
+# The protocol above them speaks in step folders, names, streams and bytes. crc32: zlib runs ~4 GB/s
+# here, sha256 ~1.9 GB/s; we need to catch torn and truncated files, not adversaries.
 
 
 class _CrcWriter:
@@ -108,13 +114,120 @@ def _delete(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _delete_dir(path: Path) -> None:
-    """COMMIT first: a crash half-way leaves an uncommitted dir (ignored, cleaned later), never a torn one."""
-    _delete(path / COMMIT)
-    for name in _list(path):
-        _delete(path / name)
-    with contextlib.suppress(OSError):  # missing, or a stray subdirectory: the next prune tries again
-        path.rmdir()
+def checkpoint_cache_dir() -> Path:
+    """Where checkpoints loaded from a store are cached: $LMCTL_CACHE/checkpoints (~/.cache/lmctl)."""
+    return Path(os.environ.get("LMCTL_CACHE") or Path.home() / ".cache" / "lmctl") / "checkpoints"
+
+
+class _Folder:
+    """Checkpoints in a local folder: `root/<step dir>/<name>`. The Checkpointer speaks only to this
+    interface (or _StoreFolder's), so the COMMIT protocol, pruning and verification exist once."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def where(self, d: str) -> Path:
+        return self.root / d
+
+    def dirs(self) -> list[str]:
+        return _list(self.root)
+
+    def names(self, d: str) -> list[str]:
+        return _list(self.root / d)
+
+    def begin(self, d: str) -> None:
+        (self.root / d).mkdir(exist_ok=True)
+        fsync_dir(self.root)
+
+    def write(self, d: str, name: str, fill: Callable[[BinaryIO], Any]) -> dict[str, int]:
+        return _write_stream(self.root / d / name, fill)
+
+    def commit(self, d: str, data: bytes) -> None:
+        fsync_dir(self.root / d)  # the data files' names are durable before COMMIT can be
+        fault_point("checkpoint.before_commit")
+        # tmp + fsync + rename + fsync dir: readers see no COMMIT or the whole one, never a torn one
+        atomic_write(self.root / d / COMMIT, [data])
+
+    def read_bytes(self, d: str, name: str) -> bytes:
+        return _read_bytes(self.root / d / name)
+
+    def local(self, d: str, name: str, expected: Any) -> Path:
+        """A local path to verify and load `name` from: the file itself."""
+        return self.root / d / name
+
+    def delete(self, d: str, name: str) -> None:
+        _delete(self.root / d / name)
+
+    def remove(self, d: str) -> None:
+        with contextlib.suppress(OSError):  # missing, or a stray subdirectory: the next prune tries again
+            (self.root / d).rmdir()
+
+
+class _StoreFolder:
+    """Checkpoints in an object store under a URI: keys `<step dir>/<name>`.
+
+    Files are serialised to a local temp file (same _write_stream, same crc32), uploaded with put_file
+    (which re-checks size and sha256 in the store), then deleted, so local disk holds one file at a
+    time. Loading downloads into `cache/<hash of uri>/<step dir>/` and torch.load memory-maps from
+    there; a cached copy that already matches COMMIT is not downloaded again.
+    """
+
+    def __init__(self, store: Store, cache: Path):
+        self.store = store
+        self.cache = cache / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+
+    def where(self, d: str) -> str:
+        return self.store.url(d)
+
+    def dirs(self) -> list[str]:
+        return sorted({k.split("/", 1)[0] for k in self.store.list() if "/" in k})
+
+    def names(self, d: str) -> list[str]:
+        return [k.split("/", 1)[1] for k in self.store.list(d)]
+
+    def begin(self, d: str) -> None:
+        pass  # object stores have no directories
+
+    def write(self, d: str, name: str, fill: Callable[[BinaryIO], Any]) -> dict[str, int]:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.cache, prefix="upload-") as tmp:
+            path = Path(tmp) / name
+            stat = _write_stream(path, fill)
+            self.store.put_file(path, f"{d}/{name}")
+        return stat
+
+    def commit(self, d: str, data: bytes) -> None:
+        fault_point("checkpoint.before_commit")
+        self.store.put_bytes(f"{d}/{COMMIT}", data)  # one PUT: visible whole or not at all
+
+    def read_bytes(self, d: str, name: str) -> bytes:
+        try:
+            return self.store.get_bytes(f"{d}/{name}")
+        except StoreError:
+            if not self.store.exists(f"{d}/{name}"):
+                raise FileNotFoundError(self.store.url(f"{d}/{name}")) from None
+            raise  # the store is unreachable: stop, rather than silently fall back to an older step
+
+    def local(self, d: str, name: str, expected: Any) -> Path:
+        path = self.cache / d / name
+        if isinstance(expected, dict) and path.is_file() and _measure(path) == expected:
+            return path  # cached by an earlier load (the caller verifies it again: cheap next to a download)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.store.get_file(f"{d}/{name}", path)
+        except StoreError:
+            if not self.store.exists(f"{d}/{name}"):
+                path.unlink(missing_ok=True)  # a stale cached copy must not pass for the missing file
+                return path
+            raise
+        return path
+
+    def delete(self, d: str, name: str) -> None:
+        self.store.delete(f"{d}/{name}")
+
+    def remove(self, d: str) -> None:
+        shutil.rmtree(self.cache / d, ignore_errors=True)  # mmap-ed tensors survive the unlink
 
 
 # ---------------------------------------------------------------- snapshot and serialisation
@@ -173,6 +286,10 @@ def set_rng_state(d: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- checkpointer
 
 
+def _dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
 class Checkpointer:
     """Save, list, prune and load the checkpoints of one run under `root`.
 
@@ -181,19 +298,42 @@ class Checkpointer:
     re-raises its error, so a failing disk stops training instead of silently losing checkpoints.
     """
 
-    def __init__(self, root: str | Path, keep: int = 3, async_save: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int = 3,
+        async_save: bool = False,
+        endpoint_url: str | None = None,
+        cache_dir: Path | None = None,
+    ):
+        """`root`: a folder, or a store URI (s3://..., file://...) whose downloads go to `cache_dir`
+        (default checkpoint_cache_dir()); `endpoint_url` applies to s3:// only."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.root = Path(root)
+        if isinstance(root, str) and "://" in root:
+            self.root: str | Path = root
+            self._io = _StoreFolder(open_store(root, endpoint_url), Path(cache_dir or checkpoint_cache_dir()))
+        else:
+            self.root = Path(root)
+            self._io = _Folder(self.root)
         self.keep = keep
         self.async_save = async_save
-        self.root.mkdir(parents=True, exist_ok=True)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: list[torch.Tensor] = []  # the last snapshot's CPU tensors, reused by the next one
 
-    def step_dir(self, step: int) -> Path:
-        return self.root / f"step_{step:09d}"
+    def step_dir(self, step: int) -> Path | str:
+        """The folder of `step` (a URL string for a store)."""
+        return self._io.where(_dir_name(step))
+
+    def _delete_step(self, step: int) -> None:
+        """COMMIT first: a crash half-way leaves an uncommitted step (ignored, cleaned later), never a
+        torn committed one."""
+        d = _dir_name(step)
+        self._io.delete(d, COMMIT)
+        for name in self._io.names(d):
+            self._io.delete(d, name)
+        self._io.remove(d)
 
     # ------------------------------------------------------------ saving
 
@@ -252,20 +392,16 @@ class Checkpointer:
             self._error = e
 
     def _write(self, step: int, state: dict[str, Any], meta_bytes: bytes) -> None:
-        d = self.step_dir(step)
-        _delete_dir(d)  # leftovers of a crashed attempt at this step, or an older commit of it
-        d.mkdir(exist_ok=True)
-        fsync_dir(self.root)
+        d, io = _dir_name(step), self._io
+        self._delete_step(step)  # leftovers of a crashed attempt at this step, or an older commit of it
+        io.begin(d)
         files = {}
         for i, (key, value) in enumerate(state.items()):
-            files[f"{key}.pt"] = _write_stream(d / f"{key}.pt", lambda f, v=value: _torch_save(v, f))
+            files[f"{key}.pt"] = io.write(d, f"{key}.pt", lambda f, v=value: _torch_save(v, f))
             if i == 0:
                 fault_point("checkpoint.after_file")
-        files[META] = _write_stream(d / META, lambda f: f.write(meta_bytes))
-        fsync_dir(d)
-        fault_point("checkpoint.before_commit")
-        # tmp + fsync + rename + fsync dir: readers see no COMMIT or the whole one, never a torn one
-        atomic_write(d / COMMIT, [json.dumps({"step": step, "files": files}, indent=1).encode()])
+        files[META] = io.write(d, META, lambda f: f.write(meta_bytes))
+        io.commit(d, json.dumps({"step": step, "files": files}, indent=1).encode())
         log.info("checkpoint step %d committed (%.1f MB)", step, sum(f["size"] for f in files.values()) / 1e6)
         self._prune(step)
 
@@ -276,11 +412,11 @@ class Checkpointer:
             return
         for step in committed[: -self.keep]:
             if step != current:  # newer steps exist only if training went back to an older checkpoint
-                _delete_dir(self.step_dir(step))
+                self._delete_step(step)
         newest = committed[-1]
         for step in self._all_steps():
             if step < newest and step not in committed:
-                _delete_dir(self.step_dir(step))
+                self._delete_step(step)
 
     def wait(self) -> None:
         """Block until the in-flight save has committed; re-raise its error."""
@@ -299,11 +435,11 @@ class Checkpointer:
     # ------------------------------------------------------------ reading
 
     def _all_steps(self) -> list[int]:
-        return sorted(int(m[1]) for name in _list(self.root) if (m := _STEP_DIR.fullmatch(name)))
+        return sorted(int(m[1]) for name in self._io.dirs() if (m := _STEP_DIR.fullmatch(name)))
 
     def _read_commit(self, step: int) -> dict[str, Any] | None:
         try:
-            commit = json.loads(_read_bytes(self.step_dir(step) / COMMIT))
+            commit = json.loads(self._io.read_bytes(_dir_name(step), COMMIT))
         except (OSError, ValueError):
             return None
         ok = isinstance(commit, dict) and commit.get("step") == step and isinstance(commit.get("files"), dict)
@@ -340,22 +476,23 @@ class Checkpointer:
     def _load(
         self, step: int, map_location: Any, keys: list[str] | None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        d = self.step_dir(step)
+        d = _dir_name(step)
         commit = self._read_commit(step)
         if commit is None:
-            raise CheckpointError(f"{d}: no valid {COMMIT} marker")
+            raise CheckpointError(f"{self.step_dir(step)}: no valid {COMMIT} marker")
         files = commit["files"]
         stored = [name.removesuffix(".pt") for name in files if name.endswith(".pt")]
         keys = stored if keys is None else keys
         if missing := [k for k in keys if k not in stored]:
             raise KeyError(f"checkpoint step {step} has no {missing}; it has {stored}")
-        names = [f"{k}.pt" for k in keys] + [META]
-        for name in names:
-            self._verify(d / name, files.get(name))
-        meta = json.loads(_read_bytes(d / META))
+        paths = {}
+        for name in [f"{k}.pt" for k in keys] + [META]:
+            paths[name] = self._io.local(d, name, files.get(name))  # a store downloads here
+            self._verify(paths[name], files.get(name))
+        meta = json.loads(_read_bytes(paths[META]))
         # weights_only=True: everything we save is tensors, containers and plain scalars (rng_state()
         # turns numpy's state into a tensor), so no pickled code runs on load.
-        load = lambda k: torch.load(d / f"{k}.pt", map_location=map_location, weights_only=True, mmap=True)
+        load = lambda k: torch.load(paths[f"{k}.pt"], map_location=map_location, weights_only=True, mmap=True)
         state = {k: load(k) for k in keys}
         return state, meta
 

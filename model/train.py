@@ -171,6 +171,7 @@ def train(
     stop_at: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_log: Callable[[dict], None] | None = None,
+    checkpoint_root: str | Path | None = None,
 ) -> TrainResult:
     """Train `spec` in `run_dir`, resuming from its newest committed checkpoint.
 
@@ -178,6 +179,8 @@ def train(
     should_stop: polled at logging steps (e.g. SIGTERM seen); any rank asking stops all ranks, after a
         checkpoint.
     on_log: called on every rank with each logged record (Ray reports through this).
+    checkpoint_root: where checkpoints live, default run_dir/checkpoints; a store URI such as
+        s3://bucket/runs/<run>/checkpoints keeps them off the (maybe ephemeral) local disk.
     """
     run_dir = Path(run_dir)
     t, m = spec.train, spec.model
@@ -213,7 +216,8 @@ def train(
     opt = build_optimizer(raw, t)
     sched = build_scheduler(opt, t)
 
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+    root = run_dir / "checkpoints" if checkpoint_root is None else checkpoint_root
+    ckpt = Checkpointer(root, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
     start_step = 0
     loaded = ckpt.load()
     if loaded is not None:

@@ -86,6 +86,18 @@ def test_stop_and_resume_is_bit_identical(small_data, reference, tmp_path):
     assert val_losses(tmp_path) == val_losses(reference)
 
 
+def test_stop_and_resume_with_checkpoints_in_s3(small_data, reference, tmp_path, s3_bucket, monkeypatch):
+    """run_dir stays local (metrics), checkpoints go to the loopback bucket; resuming is still exact."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_bucket.endpoint)
+    monkeypatch.setenv("LMCTL_CACHE", str(tmp_path / "cache"))
+    root = f"{s3_bucket.uri}/runs/r1/checkpoints"
+    spec = small_spec(small_data)
+    assert train(spec, tmp_path / "run", stop_at=3, checkpoint_root=root).step == 3
+    assert Checkpointer(root).latest() == 3 and not (tmp_path / "run" / "checkpoints").exists()
+    assert train(spec, tmp_path / "run", checkpoint_root=root).step == 8
+    assert train_losses(tmp_path / "run") == train_losses(reference)
+
+
 def test_changed_model_shape_refuses_to_resume(small_data, tmp_path):
     train(small_spec(small_data), tmp_path, stop_at=1)
     with pytest.raises(Exception, match="different model config"):
