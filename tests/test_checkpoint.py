@@ -323,6 +323,7 @@ c.close()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize(
     "fault, async_save",
     [
@@ -331,15 +332,25 @@ c.close()
         ("checkpoint.after_file:2", True),
     ],
 )
-def test_sigkill_leaves_previous_checkpoint_usable(tmp_path, fault, async_save):
-    env = {**os.environ, faults.ENV: fault, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path), "1" if async_save else "0"]
+def test_sigkill_leaves_previous_checkpoint_usable(request, tmp_path, fault, async_save, where):
+    """The same COMMIT protocol in a local folder and in an object store (loopback S3)."""
+    endpoint = None
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")  # also sets s3_env's fake credentials
+        root, endpoint = f"{bucket.uri}/runs/r1/checkpoints", bucket.endpoint
+    else:
+        root = str(tmp_path / "ckpt")
+    env = {**os.environ, faults.ENV: fault, "PYTHONPATH": str(REPO), "LMCTL_CACHE": str(tmp_path / "child")}
+    if endpoint:
+        env["AWS_ENDPOINT_URL_S3"] = endpoint
+    args = [sys.executable, "-c", CRASH_SCRIPT, root, "1" if async_save else "0"]
     proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
 
-    c = Checkpointer(tmp_path, keep=3)
+    c = Checkpointer(root, keep=3, endpoint_url=endpoint, cache_dir=tmp_path / "cache")
+    names = lambda step: sorted(c._io.names(f"step_{step:09d}"))
     assert c.latest() == 1 and c.committed_steps() == [1]
-    half = files_of(c, 2)
+    half = names(2)
     assert COMMIT not in half and "model.pt" in half
     assert ("extra.pt" in half) == fault.startswith("checkpoint.before_commit")
     state, meta = c.load()
@@ -348,7 +359,7 @@ def test_sigkill_leaves_previous_checkpoint_usable(tmp_path, fault, async_save):
 
     c.save(2, {"model": {"w": torch.full((100_000,), 2.0)}}, {"attempt": "second"})
     assert c.committed_steps() == [1, 2]
-    assert files_of(c, 2) == [COMMIT, "meta.json", "model.pt"]  # the crashed attempt's files are gone
-    commit = json.loads((c.step_dir(2) / COMMIT).read_text())
+    assert names(2) == [COMMIT, "meta.json", "model.pt"]  # the crashed attempt's files are gone
+    commit = json.loads(c._io.read_bytes(f"step_{2:09d}", COMMIT))
     assert set(commit["files"]) == {"model.pt", "meta.json"}
     assert c.load()[1]["attempt"] == "second"
