@@ -396,10 +396,15 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = {"flag": False}
 
-    def on_term(signum, frame):
+    def on_stop(signum, frame):
+        """SIGTERM or a first Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts at once."""
         stop["flag"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGINT:
+            print("stopping after a checkpoint at the next logging step (Ctrl-C again to abort)", flush=True)
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     try:
         result = train(
             spec, run_dir, device=args.device, stop_at=args.stop_at, should_stop=lambda: stop["flag"]

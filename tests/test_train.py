@@ -278,12 +278,13 @@ def test_compiled_and_bf16_loops_track_the_fp32_reference(small_data, reference,
 
 
 @pytest.mark.slow
-def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(small_data, reference, tmp_path):
+@pytest.mark.parametrize("sig", ["TERM", "INT"])  # a scheduler's stop, and Ctrl-C
+def test_polite_stop_checkpoints_and_resumes_exactly(small_data, reference, tmp_path, sig):
     spec = small_spec(small_data, "train.log_every=2")
     config = tmp_path / "config.yaml"
     config.write_text(spec.to_yaml())
     args = ["-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path)]
-    stopped = _run_module(args, {"LMCTL_FAULT": "train.step:3:TERM"})  # SIGTERM right after step 3
+    stopped = _run_module(args, {"LMCTL_FAULT": f"train.step:3:{sig}"})  # the signal right after step 3
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at step 4" in stopped.stdout  # seen at the next logging step, checkpointed there
     assert Checkpointer(tmp_path / "checkpoints").latest() == 4
