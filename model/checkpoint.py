@@ -39,7 +39,7 @@ import torch.utils.serialization.config as torch_serialization_config
 
 from model.faults import fault_point
 from model.shards import atomic_write, fsync_dir
-from model.store import Store, StoreError, open_store
+from model.store import Store, StoreError, cache_root, open_store
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _delete(path: Path) -> None:
 
 def checkpoint_cache_dir() -> Path:
     """Where checkpoints loaded from a store are cached: $LMCTL_CACHE/checkpoints (~/.cache/lmctl)."""
-    return Path(os.environ.get("LMCTL_CACHE") or Path.home() / ".cache" / "lmctl") / "checkpoints"
+    return cache_root() / "checkpoints"
 
 
 class _Folder:

@@ -172,10 +172,6 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     return raw
 
 
-def _fields_of(model: type[BaseModel]) -> dict[str, Any]:
-    return {name: f.annotation for name, f in model.model_fields.items()}
-
-
 def all_keys(model: type[BaseModel] = RunSpec, prefix: str = "") -> list[str]:
     """Every dotted key an override may set."""
     keys = []

@@ -16,7 +16,6 @@ folder opens while they arrive); use `verify(local_dir, manifest)` or `wait()` b
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -31,7 +30,7 @@ from model.shards import (
     read_manifest,
     verify,
 )
-from model.store import Store, StoreError, open_store
+from model.store import Store, StoreError, cache_root, open_store
 
 if TYPE_CHECKING:
     from model.data import TokenDataset
@@ -41,7 +40,7 @@ FETCH_THREADS = 4  # shards in flight; each is itself a concurrent multipart tra
 
 def data_cache_dir() -> Path:
     """Where workers cache staged datasets: $LMCTL_CACHE/datasets, default ~/.cache/lmctl/datasets."""
-    return Path(os.environ.get("LMCTL_CACHE") or Path.home() / ".cache" / "lmctl") / "datasets"
+    return cache_root() / "datasets"
 
 
 def fetch_tokenizer(uri: str, cache_dir: Path, endpoint_url: str | None = None) -> Path:
@@ -119,8 +118,19 @@ def fetch_dataset(
     return staged
 
 
-def _fetch_manifest(store: Store, local_dir: Path) -> Manifest:
-    raw = store.get_bytes(MANIFEST)
+def staged_manifest(uri: str, endpoint_url: str | None = None) -> Manifest:
+    """The manifest of the staged dataset at `uri`, read where it lives (one GET from a store): the cheap
+    "is this dataset staged?" check, before anything is written or downloaded."""
+    if "://" not in uri:
+        try:
+            return read_manifest(uri)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+    store = open_store(uri, endpoint_url)
+    return _parse_manifest(store, store.get_bytes(MANIFEST))
+
+
+def _parse_manifest(store: Store, raw: bytes) -> Manifest:
     try:
         manifest = Manifest.from_json(raw.decode())
     except (ValueError, UnicodeDecodeError) as e:
@@ -128,6 +138,12 @@ def _fetch_manifest(store: Store, local_dir: Path) -> Manifest:
     bad = [s.name for s in manifest.train + manifest.val if "/" in s.name or s.name.startswith(".")]
     if bad:
         raise StoreError(f"{store.url(MANIFEST)} lists shard names that are not plain file names: {bad[:3]}")
+    return manifest
+
+
+def _fetch_manifest(store: Store, local_dir: Path) -> Manifest:
+    raw = store.get_bytes(MANIFEST)
+    manifest = _parse_manifest(store, raw)
     path = local_dir / MANIFEST
     if not path.is_file() or path.read_bytes() != raw:
         atomic_write(path, [raw])

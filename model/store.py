@@ -44,6 +44,12 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _CREDENTIALS_FIX = "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
 
 
+def cache_root() -> Path:
+    """Local copies of what lives in stores (datasets, checkpoints, staging work): $LMCTL_CACHE, default
+    ~/.cache/lmctl. One machine-wide place, so every run and restart on the machine reuses them."""
+    return Path(os.environ.get("LMCTL_CACHE") or Path.home() / ".cache" / "lmctl")
+
+
 class StoreError(RuntimeError):
     """A store operation failed; the message says what, where, and how to fix it (never a secret)."""
 

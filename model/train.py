@@ -41,7 +41,7 @@ from model.faults import fault_point
 from model.hardware import peak_flops
 from model.metrics import MetricsLogger
 from model.optim import build_optimizer, build_scheduler
-from model.staged import data_cache_dir, fetch_dataset
+from model.staged import data_cache_dir, fetch_dataset, staged_manifest
 from model.store import StoreError
 
 
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             spec = resolve(args.preset, args.override)
             if spec.data.path:
-                fetch_dataset(spec.data.path, data_cache_dir())  # check it before writing anything
+                staged_manifest(spec.data.path)  # is it staged? checked before writing anything
             run_dir.mkdir(parents=True, exist_ok=True)
             if not spec.data.path:
                 spec = prepare_local_data(spec, run_dir)

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import queue
 import re
 import shutil
@@ -43,7 +42,7 @@ import numpy as np
 from model.config import DataConfig
 from model.faults import fault_point
 from model.shards import MANIFEST, TOKENIZER, Manifest, ShardInfo, ShardWriter, file_sha256
-from model.store import Store, open_store
+from model.store import Store, cache_root, open_store
 from model.tokenizer import Tokenizer
 from orchestrator.progress import StageProgress
 
@@ -339,7 +338,7 @@ def _train_tokenizer(
 
 
 def in_place(store: Store, key: str, size: int, sha256: str) -> bool:
-    """The stored object is exactly these bytes (size, then the sha256 the store keeps: one HEAD on S3)."""
+    """The stored object is exactly these bytes (size, then the sha256 the store keeps; a HEAD each on S3)."""
     return store.size(key) == size and store.stored_sha256(key) == sha256
 
 
@@ -467,7 +466,7 @@ def pack(
 def default_work_dir(digest: str) -> Path:
     """$LMCTL_CACHE/stage/<hash> (default ~/.cache/lmctl): fixed per hash, so a killed run's leftovers are
     found and cleared by the next one."""
-    return Path(os.environ.get("LMCTL_CACHE") or Path.home() / ".cache" / "lmctl") / "stage" / digest
+    return cache_root() / "stage" / digest
 
 
 def as_spec(spec: DataConfig | dict[str, Any]) -> DataConfig:
