@@ -305,9 +305,11 @@ class Checkpointer:
         async_save: bool = False,
         endpoint_url: str | None = None,
         cache_dir: Path | None = None,
+        on_commit: Callable[[int], None] | None = None,
     ):
         """`root`: a folder, or a store URI (s3://..., file://...) whose downloads go to `cache_dir`
-        (default checkpoint_cache_dir()); `endpoint_url` applies to s3:// only."""
+        (default checkpoint_cache_dir()); `endpoint_url` applies to s3:// only. `on_commit(step)` runs
+        after each commit (in the writer thread when async), e.g. to tell observers which step is safe."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if isinstance(root, str) and "://" in root:
@@ -318,6 +320,7 @@ class Checkpointer:
             self._io = _Folder(self.root)
         self.keep = keep
         self.async_save = async_save
+        self.on_commit = on_commit
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: list[torch.Tensor] = []  # the last snapshot's CPU tensors, reused by the next one
@@ -402,8 +405,10 @@ class Checkpointer:
                 fault_point("checkpoint.after_file")
         files[META] = io.write(d, META, lambda f: f.write(meta_bytes))
         io.commit(d, json.dumps({"step": step, "files": files}, indent=1).encode())
-        log.info("checkpoint step %d committed (%.1f MB)", step, sum(f["size"] for f in files.values()) / 1e6)
+        log.debug("step %d committed (%.1f MB)", step, sum(f["size"] for f in files.values()) / 1e6)
         self._prune(step)
+        if self.on_commit:
+            self.on_commit(step)
 
     def _prune(self, current: int) -> None:
         """Drop committed steps beyond `keep` (never `current`) and uncommitted dirs older than the newest."""

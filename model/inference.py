@@ -32,12 +32,19 @@ class TrainedModel:
         return Tokenizer.load(self.tokenizer_path)
 
 
-def load_trained(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> TrainedModel:
-    """The model of a run's newest committed checkpoint (or of `step`), in eval mode."""
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints")
-    loaded = ckpt.load(step, keys=["model"])
+def load_trained(checkpoints: str | Path, step: int | None = None, device: str = "cpu") -> TrainedModel:
+    """The model of the newest committed checkpoint (or of `step`) under `checkpoints`, in eval mode.
+
+    `checkpoints` is a run's checkpoint folder or store URI (s3://.../runs/<run>/checkpoints), or a run
+    directory that has a checkpoints/ folder.
+    """
+    if not isinstance(checkpoints, str) or "://" not in checkpoints:
+        checkpoints = Path(checkpoints)
+        if (checkpoints / "checkpoints").is_dir():
+            checkpoints = checkpoints / "checkpoints"
+    loaded = Checkpointer(checkpoints).load(step, keys=["model"])
     if loaded is None:
-        raise ConfigError(f"run {run_dir} has no committed checkpoint yet")
+        raise ConfigError(f"{checkpoints} has no committed checkpoint yet")
     state, meta = loaded
     spec = RunSpec.model_validate(meta["config"])
     model = Decoder(spec.model)
@@ -65,9 +72,9 @@ def sample(
     return tok.decode(new)
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+def export_run(checkpoints: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Hugging Face Llama folder (config.json, model.safetensors, tokenizer files) of a run's checkpoint."""
-    trained = load_trained(run_dir, step)
+    trained = load_trained(checkpoints, step)
     tok = trained.tokenizer
     return export_hf(
         trained.model.state_dict(), trained.spec.model, Path(out_dir), trained.tokenizer_path, tok.eot_id

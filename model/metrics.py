@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _console_line(rec: dict[str, Any]) -> str:
+    if "checkpoint" in rec:
+        return f"step {rec['step']:>6} | checkpoint committed"  # noqa: E501
     if "val_loss" in rec:
         return f"step {rec['step']:>6} | val_loss {rec['val_loss']:.4f} | ppl {rec['val_ppl']:.2f}"
     parts = [
@@ -64,6 +68,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
+        self._lock = threading.Lock()  # checkpoint commits are logged from the checkpoint writer thread
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,11 +81,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
-        print(_console_line(rec), flush=True)
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in rec.items() if v is not None and k != "step"}, step=rec["step"])
+        rec["time"] = round(time.time(), 3)
+        with self._lock:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+            print(_console_line(rec), flush=True)
+        if self._wandb is not None and "checkpoint" not in rec:
+            self._wandb.log({k: v for k, v in rec.items() if v is not None and k not in ("step", "time")},
+                            step=rec["step"])
 
     def close(self) -> None:
         if not self.enabled:

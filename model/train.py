@@ -217,7 +217,12 @@ def train(
     sched = build_scheduler(opt, t)
 
     root = run_dir / "checkpoints" if checkpoint_root is None else checkpoint_root
-    ckpt = Checkpointer(root, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+    ckpt = Checkpointer(
+        root,
+        keep=t.keep_checkpoints,
+        async_save=t.async_checkpoint,
+        on_commit=lambda s: metrics.log({"step": s, "checkpoint": s}),  # metrics exists before any save
+    )
     start_step = 0
     loaded = ckpt.load()
     if loaded is not None:

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 EPILOG = """examples:
+  lmctl launch --mode local --config tiny         stage, then train here with 2 Ray workers (detached)
+  lmctl launch --config tiny --name dev --override train.steps=500 --foreground
+  lmctl launch --config 124m --dry-run            render runs/<name>/ (config.yaml, task.yaml), launch nothing
+  lmctl status                                    every run: state, step, loss, tokens/s, last checkpoint
+  lmctl logs dev -f                               follow a run's log until it ends
+  lmctl attach dev                                live dashboard; Ctrl-C detaches, the run goes on
+  lmctl stop dev                                  checkpoint and stop; nothing left running
+  lmctl resume dev                                continue from the newest committed checkpoint
+  lmctl generate dev --prompt "ROMEO:"            sample from the latest checkpoint
+  lmctl export dev --hf out/dev-hf                Hugging Face Llama folder (transformers can load it)
+  lmctl plot dev                                  loss against tokens, as runs/dev/loss.png
   lmctl presets                                   list model presets and their sizes
   lmctl train --preset tiny --run-dir runs/dev    train in this process (no Ray), resuming if the run exists
   lmctl train --preset tiny --run-dir runs/dev --override train.steps=50 --override train.lr=1e-3
@@ -17,8 +27,6 @@ EPILOG = """examples:
   lmctl stage --dataset HuggingFaceFW/fineweb-edu --subset sample-10BT --max-tokens 1e9 --store s3://bucket/lmctl
 """
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_STORE = f"file://{REPO / 'runs' / 'store'}"
 STAGE_FLAGS = {  # DataConfig field -> the flag that sets it, for one-line validation errors
     "dataset": "--dataset",
     "subset": "--subset",
@@ -120,10 +128,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
         flag = STAGE_FLAGS.get(str(err["loc"][0]), str(err["loc"][0]))
         msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
         raise ConfigError(f"{flag} {err['input']!r}: {msg}") from None
+    from orchestrator.runs import default_store, runs_root
+
     try:
         result = stage(
             spec,
-            args.store,
+            args.store or default_store(runs_root()),
             vocab_size=args.vocab_size,
             endpoint_url=args.endpoint_url,
             sample_chars=int(args.tokenizer_sample_mb * 1e6),
@@ -168,6 +178,176 @@ def _print_stage_summary(result) -> None:
     print(f"data.path={d['dataset_uri']}")
 
 
+# ---------------------------------------------------------------- runs: launch, observe, control
+
+
+def _root(args: argparse.Namespace) -> Path:
+    from orchestrator.runs import runs_root
+
+    return runs_root(args.runs_dir)
+
+
+def _run_path(args: argparse.Namespace) -> Path:
+    from orchestrator.runs import find_run
+
+    return find_run(_root(args), args.run)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from orchestrator.launch import launch, resolve_spec
+
+    if args.print_config:
+        from orchestrator.render import render_config
+
+        print(render_config(resolve_spec(args.config, args.override, args.wandb)), end="")
+        return 0
+    launched = launch(
+        args.config,
+        args.override,
+        name=args.name,
+        mode=args.mode,
+        workers=args.workers,
+        store=args.store,
+        wandb=args.wandb,
+        dry_run=args.dry_run,
+        root=args.runs_dir,
+    )
+    name, path = launched.name, launched.path
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({**asdict(launched.record), "path": str(path)}, indent=1))
+    elif args.dry_run:
+        print(f"dry run: rendered {path}/ (config.yaml, task.yaml, run.json); nothing launched")
+        print(f"  start it:  lmctl resume {name}")
+    else:
+        print(f"launched run {name} ({launched.record.mode}, {launched.record.workers} workers) in {path}")
+        if not args.foreground:
+            print(f"  follow:  lmctl logs {name} -f    dashboard: lmctl attach {name}")
+            print(f"  status:  lmctl status {name}    stop: lmctl stop {name}")
+    if args.foreground and not args.dry_run:
+        return _follow(args, path)
+    return 0
+
+
+def _follow(args: argparse.Namespace, path: Path) -> int:
+    """Stay attached to a detached run: print its log to the end. Ctrl-C stops it (checkpoint first),
+    a second Ctrl-C kills it."""
+    from orchestrator import launch, observe, runs
+
+    try:
+        observe.print_log(path, follow=True)
+    except KeyboardInterrupt:
+        print("\nstopping: checkpoint at the next logging step (Ctrl-C again to kill)", file=sys.stderr)
+        try:
+            launch.stop(path.name, root=path.parent)
+        except KeyboardInterrupt:
+            record = runs.read_record(path)
+            if record.session:
+                runs.kill_session(record.session)
+            runs.update_record(path, state="stopped", message="killed by a second Ctrl-C")
+            return 130
+    record = runs.read_record(path)
+    return record.exit_code if record.exit_code is not None else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.launch import resume
+
+    record = resume(args.run, root=args.runs_dir)
+    path = _run_path(args)
+    print(f"resumed run {record.name} (launch {record.launches}); it continues from its newest checkpoint")
+    if args.foreground:
+        return _follow(args, path)
+    print(f"  follow:  lmctl logs {record.name} -f    dashboard: lmctl attach {record.name}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from orchestrator import observe, runs
+    from orchestrator.launch import stop
+
+    path = _run_path(args)
+    before = runs.effective_state(runs.read_record(path))
+    if before not in runs.ACTIVE:
+        print(f"run {args.run} is not running ({before})")
+        return 0
+    print(f"stopping {args.run}: checkpoint at the next logging step ...", file=sys.stderr)
+    record = stop(args.run, root=args.runs_dir, timeout=args.timeout)
+    summary = observe.run_summary(path)
+    print(f"run {args.run} {record.state}: last checkpoint at step {summary['last_checkpoint']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator import observe
+    from orchestrator.runs import list_runs
+
+    if args.run:
+        summaries = [observe.run_summary(_run_path(args))]
+    else:
+        summaries = [observe.run_summary(p) for p in list_runs(_root(args))]
+    if args.json:
+        print(json.dumps(summaries[0] if args.run else summaries, indent=1))
+        return 0
+    from rich.console import Console
+
+    if not summaries:
+        print(f"no runs in {_root(args)}; start one with: lmctl launch --mode local --config tiny")
+        return 0
+    Console().print(observe.status_detail(summaries[0]) if args.run else observe.status_table(summaries))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from orchestrator import observe
+
+    observe.print_log(_run_path(args), follow=args.follow)
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from orchestrator import observe
+
+    if observe.attach(_run_path(args)) == "detached":
+        print(f"detached; the run goes on (lmctl attach {args.run} to come back)", file=sys.stderr)
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace) -> str:
+    from orchestrator.runs import read_record
+
+    return read_record(_run_path(args)).checkpoints
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from model.inference import load_trained, sample
+
+    trained = load_trained(_checkpoints(args), args.step)
+    text = sample(trained, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.json:
+        print(json.dumps({"run": args.run, "step": trained.step, "prompt": args.prompt, "text": text}))
+    else:
+        print(args.prompt + text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.inference import export_run
+
+    out = export_run(_checkpoints(args), args.hf, args.step)
+    print(f"wrote a Hugging Face Llama folder to {out} (AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from orchestrator import observe
+
+    out = observe.plot(_run_path(args), Path(args.out) if args.out else None)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="lmctl",
@@ -176,6 +356,76 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="verb", metavar="VERB")
+
+    runs_dir = argparse.ArgumentParser(add_help=False)
+    runs_dir.add_argument(
+        "--runs-dir", help="folder of run directories (default: $LMCTL_RUNS_DIR, else ./runs)"
+    )
+    one_run = argparse.ArgumentParser(add_help=False, parents=[runs_dir])
+    one_run.add_argument("run", help="run name (see lmctl status)")
+
+    p = sub.add_parser(
+        "launch",
+        parents=[runs_dir],
+        help="render a run, stage its data, train it with Ray (detached; --foreground stays)",
+        description="Resolve a preset and overrides into runs/<name>/ (config.yaml, task.yaml, run.json, "
+        "logs/), stage the dataset to the store, and train with Ray Train workers. Returns at once and "
+        "prints how to follow the run, unless --foreground.",
+    )
+    p.add_argument("--config", default="tiny", help="preset name (tiny, 124m, 350m, 1b) or a YAML path")
+    p.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=100"
+    )
+    p.add_argument("--name", help="run name (default: <preset>-<date>-<time>-<random>)")
+    p.add_argument("--mode", default="local", choices=["local"], help="local: Ray on this machine")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--store", help="s3://bucket/prefix or file:///dir (default: runs/store)")
+    p.add_argument("--wandb", action="store_true", help="log to wandb (offline without WANDB_API_KEY)")
+    p.add_argument("--foreground", action="store_true", help="stay attached: print the log until the end")
+    p.add_argument("--dry-run", action="store_true", help="render the run directory; launch nothing")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--json", action="store_true", help="print the run record as JSON")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("status", parents=[runs_dir], help="runs and their true state (instant)")
+    p.add_argument("run", nargs="?", help="one run in detail")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", parents=[one_run], help="print a run's log (-f: follow until it ends)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("attach", parents=[one_run], help="live dashboard of a run; Ctrl-C detaches")
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("stop", parents=[one_run], help="checkpoint and stop a run; nothing left running")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before killing (default 120)")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("resume", parents=[one_run], help="continue a run from its newest checkpoint")
+    p.add_argument("--foreground", action="store_true", help="stay attached: print the log until the end")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("generate", parents=[one_run], help="sample text from a run's latest checkpoint")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-tokens", type=int, default=200, help="new tokens at most (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (default 50)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold, e.g. 0.9")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same text")
+    p.add_argument("--step", type=int, help="a committed checkpoint step (default: the newest)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", parents=[one_run], help="write a Hugging Face Llama folder of a run")
+    p.add_argument("--hf", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--step", type=int, help="a committed checkpoint step (default: the newest)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", parents=[one_run], help="PNG of train and val loss against tokens")
+    p.add_argument("--out", help="PNG path (default: runs/<name>/loss.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -228,8 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, help="held-out fraction of tokens (default: 0.05)")
     p.add_argument(
         "--store",
-        default=os.environ.get("LMCTL_STORE", DEFAULT_STORE),
-        help="s3://bucket/prefix, file:///dir or a directory (default: $LMCTL_STORE, else <repo>/runs/store)",
+        help="s3://bucket/prefix, file:///dir or a directory (default: $LMCTL_STORE, else runs/store)",
     )
     p.add_argument(
         "--endpoint-url", help="S3 endpoint: R2, MinIO, B2, RunPod (default: $AWS_ENDPOINT_URL or AWS)"

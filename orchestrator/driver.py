@@ -1,0 +1,195 @@
+"""The driver of one run: stage the data, start Ray, run the training loop in a TorchTrainer, record the end.
+
+    python -m orchestrator.driver runs/<name>                      # what `lmctl launch` starts, detached
+    python -m orchestrator.driver runs/<name> --address HOST:6379  # on a cloud head node (tasks/train.yaml)
+
+Same code path locally and in the cloud. The workers resume from the run's newest committed checkpoint
+in the store by themselves, so a worker restarted by Ray's FailureConfig, a driver restarted by
+`lmctl resume` and a pod recovered by SkyPilot all take one path.
+
+Stopping: the file runs/<name>/STOP asks every worker to checkpoint and stop at its next logging step.
+`lmctl stop` writes it; SIGTERM or Ctrl-C to the driver writes it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from model.config import ConfigError, RunSpec, load_spec
+from model.store import StoreError
+from orchestrator import runs
+from orchestrator.render import render_config
+from orchestrator.worker import say, train_worker
+
+
+class StageFailed(Exception):
+    """Staging failed; the message says why (raised in place of orchestrator.stage.StageError)."""
+
+REPORT_HEALTH_INTERVAL_S = "0.2"  # Ray Train's poll period: report() waits about this long (default 2 s)
+MAX_WORKER_FAILURES = 3
+
+
+def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path) -> RunSpec:
+    """Stage the dataset into the store once; config.yaml then names the staged copy (data.path)."""
+    from model.staged import staged_manifest
+    from orchestrator.stage import StageError, stage  # datasets, tokenizers: only the driver needs them
+
+    if spec.data.path:
+        staged_manifest(spec.data.path)  # still there?
+        return spec
+    say(f"staging {spec.data.dataset} to {record.store}")
+    try:
+        result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=False)
+    except StageError as e:
+        raise StageFailed(str(e)) from None
+    say(
+        f"{'reused' if result.reused else 'staged'} {result.tokens:,} tokens at {result.dataset_uri} "
+        f"({result.seconds:.1f} s)"
+    )
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
+    tmp = path / ".config.yaml.tmp"
+    tmp.write_text(render_config(spec))
+    os.replace(tmp, path / runs.CONFIG)
+    runs.update_record(path, data=result.dataset_uri)
+    return spec
+
+
+def start_ray(workers: int, address: str | None) -> None:
+    """Join a cluster (cloud) or start a small one here; workers inherit this process's environment."""
+    cpus = os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // max(1, workers))))
+    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # worker prints once, not twice
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_HEALTH_INTERVAL_S)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in $HOME for a local run
+    root = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=max(workers, 1),
+            include_dashboard=False,
+            object_store_memory=100 * 1024**2,
+            logging_level=logging.WARNING,
+            log_to_driver=False,  # workers write the run's log themselves, without Ray's chatter
+        )
+
+
+def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool) -> str | None:
+    """Run the TorchTrainer to the end; the error's first line when it failed after all restarts."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "run_dir": str(path),
+            "checkpoints": record.checkpoints,
+            "device": "cuda" if use_gpu else "cpu",
+        },
+        scaling_config=ScalingConfig(
+            num_workers=record.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
+        ),
+        run_config=RunConfig(
+            name=record.name,
+            storage_path=str(path / "ray"),
+            failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
+            logging_config=LoggingConfig(log_level="ERROR"),  # its INFO lines would drown ours
+        ),
+    )
+    result = trainer.fit()
+    if result.error is None:
+        return None
+    return (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+
+
+def outcome(spec: RunSpec, record: runs.RunRecord) -> tuple[str, int]:
+    """finished when the last step is committed, else stopped; with that step."""
+    from model.checkpoint import Checkpointer
+
+    step = Checkpointer(record.checkpoints).latest() or 0
+    return ("finished" if step >= spec.train.steps else "stopped"), step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m orchestrator.driver", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="the run directory lmctl rendered (config.yaml, run.json)")
+    ap.add_argument("--address", help="Ray cluster to join (default: start one on this machine)")
+    args = ap.parse_args(argv)
+    path = Path(args.run_dir).resolve()
+
+    stop_file = path / runs.STOP
+
+    def ask_stop(signum, frame) -> None:
+        stop_file.touch()
+        runs.update_record(path, state="stopping")
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts
+
+    stop_file.unlink(missing_ok=True)
+    record = runs.read_record(path)
+    record = runs.update_record(
+        path,
+        driver=runs.Process.of(os.getpid()).__dict__,
+        session=os.getsid(0),
+        state=record.state if record.state in runs.ACTIVE else "staging",  # started by hand (cloud head)
+    )
+    signal.signal(signal.SIGTERM, ask_stop)
+    signal.signal(signal.SIGINT, ask_stop)
+    code, state, message = 1, "failed", None
+    try:
+        spec = load_spec(path / runs.CONFIG)
+        with ThreadPoolExecutor(1) as pool:  # staging (CPU) overlaps Ray's start (mostly waiting)
+            staged = pool.submit(stage_data, spec, record, path)
+            t0 = time.perf_counter()
+            start_ray(record.workers, args.address)
+            signal.signal(signal.SIGTERM, ask_stop)  # ray.init installs its own handlers
+            signal.signal(signal.SIGINT, ask_stop)
+            import ray
+
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= record.workers
+            say(f"Ray up in {time.perf_counter() - t0:.1f} s")
+            spec = staged.result()
+        say(f"starting {record.workers} {'GPU' if use_gpu else 'CPU'} workers")
+        if not stop_file.exists():
+            runs.update_record(path, state="running")
+        message = fit(spec, record, path, use_gpu)
+        if message is None:
+            state, step = outcome(spec, record)
+            code, message = 0, f"{state} at step {step}"
+    except (ConfigError, StoreError, StageFailed) as e:
+        message = str(e)
+    except Exception as e:  # noqa: BLE001 - the record must say why the run ended
+        message = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise
+    finally:
+        say(f"{state}: {message}")
+        runs.update_record(path, state=state, exit_code=code, message=message)
+        _shutdown()
+    return code
+
+
+def _shutdown() -> None:
+    """Stop Ray and anything it left in this run's session (its agents outlive a killed driver)."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+    if os.getsid(0) == os.getpid():  # we lead our own session (lmctl started us detached)
+        runs.kill_session(os.getpid())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

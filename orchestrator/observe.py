@@ -1,0 +1,436 @@
+"""Watching runs: `lmctl status`, `logs`, `attach` and `plot` read a run directory and nothing else.
+
+Everything here is derived from files the run writes (run.json, metrics.jsonl, logs/driver.log), so a
+viewer can come and go without the run noticing. The state shown is always `runs.effective_state`: a run
+whose driver died reads as failed, whatever its record last claimed. No torch, numpy or matplotlib at
+import time: `lmctl status` must stay instant (matplotlib is imported inside `plot`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from model.config import ConfigError
+from model.metrics import read_metrics
+from orchestrator import runs
+from orchestrator.progress import human
+
+STATE_STYLE = {
+    "created": "dim",
+    "staging": "cyan",
+    "running": "green",
+    "stopping": "yellow",
+    "finished": "blue",
+    "stopped": "yellow",
+    "failed": "bold red",
+}
+LOG_TAIL_LINES = 12
+_CHUNK = 1 << 20
+
+
+def human_duration(seconds: float | None) -> str:
+    """12 -> '12s', 200 -> '3m', 7300 -> '2h', 4 days -> '4d': one unit, rounded, to fit a column."""
+    if seconds is None:
+        return "-"
+    s = max(0.0, float(seconds))
+    if s < 59.5:
+        return f"{s:.0f}s"
+    if s < 59.5 * 60:
+        return f"{s / 60:.0f}m"
+    if s < 23.5 * 3600:
+        return f"{s / 3600:.0f}h"
+    return f"{s / 86400:.0f}d"
+
+
+# ---------------------------------------------------------------- facts
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """Complete records of metrics.jsonl; a torn last line (being written) is skipped by read_metrics."""
+    return [r for r in read_metrics(path / runs.METRICS) if isinstance(r, dict) and "step" in r]
+
+
+def _train_config(path: Path) -> dict[str, Any]:
+    """The `train` section of config.yaml: fallback for totals an older run.json lacks."""
+    try:
+        import yaml
+
+        spec = yaml.safe_load((path / runs.CONFIG).read_text()) or {}
+    except (OSError, ValueError, ImportError):
+        return {}
+    train = spec.get("train") if isinstance(spec, dict) else None
+    return train if isinstance(train, dict) else {}
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _seconds_per_step(train: list[dict[str, Any]], batch_tokens: int) -> float | None:
+    """Median wall time per step over the last few logged intervals; the median ignores a resume gap.
+    Falls back to the throughput the loop reported for files that predate the "time" field."""
+    timed = [r for r in train[-11:] if isinstance(r.get("time"), (int, float))]
+    rates = [
+        (b["time"] - a["time"]) / (b["step"] - a["step"])
+        for a, b in zip(timed, timed[1:], strict=False)
+        if b["step"] > a["step"] and b["time"] >= a["time"]
+    ]
+    if rates:
+        return statistics.median(rates)
+    tps = train[-1].get("tokens_per_s") if train else None
+    if tps and batch_tokens:
+        return batch_tokens / tps
+    return None
+
+
+def run_summary(path: Path) -> dict[str, Any]:
+    """One run's facts for `lmctl status` (JSON-serialisable): record, effective state, latest metrics."""
+    path = Path(path)
+    record = runs.read_record(path)
+    state = runs.effective_state(record)
+    metrics = _metrics(path)
+    train = [r for r in metrics if "loss" in r]
+    evals = [r for r in metrics if "val_loss" in r]
+    ckpts = [r for r in metrics if "checkpoint" in r]
+    last = train[-1] if train else {}
+    cfg = {} if record.steps and record.global_batch_tokens else _train_config(path)
+    steps = int(record.steps or cfg.get("steps") or 0)
+    batch_tokens = int(record.global_batch_tokens or cfg.get("global_batch_tokens") or 0)
+    step = int(last.get("step", 0))
+
+    times = [r["time"] for r in metrics[-1:] if isinstance(r.get("time"), (int, float))]
+    last_sign = max([record.updated, _mtime(path / runs.METRICS), _mtime(path / runs.LOG), *times])
+    eta = None
+    if state == "running" and steps:
+        sps = _seconds_per_step(train, batch_tokens)
+        eta = None if sps is None else max(0, steps - step) * sps
+
+    return {
+        "name": record.name,
+        "mode": record.mode,
+        "state": state,
+        "claimed_state": record.state,
+        "preset": record.preset,
+        "step": step,
+        "steps": steps,
+        "loss": last.get("loss"),
+        "lr": last.get("lr"),
+        "grad_norm": last.get("grad_norm"),
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_step": evals[-1]["step"] if evals else None,
+        "tokens_per_s": last.get("tokens_per_s"),
+        "mfu": last.get("mfu"),
+        "tokens": last.get("tokens", step * batch_tokens),
+        "global_batch_tokens": batch_tokens,
+        "last_checkpoint": ckpts[-1]["checkpoint"] if ckpts else None,
+        "created": record.created,
+        "updated": record.updated,
+        "age_s": max(0.0, time.time() - last_sign),
+        "eta_s": eta,
+        "message": record.message,
+        "exit_code": record.exit_code,
+        "workers": record.workers,
+        "store": record.store,
+        "checkpoints": record.checkpoints,
+        "data": record.data,
+        "launches": record.launches,
+        "path": str(path),
+    }
+
+
+# ---------------------------------------------------------------- status
+
+
+def _state_text(state: str):
+    from rich.text import Text
+
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _step_of(s: dict[str, Any]) -> str:
+    return f"{s['step']}/{s['steps']}" if s["steps"] else str(s["step"])
+
+
+def _rate(s: dict[str, Any]) -> str:
+    return "-" if s["tokens_per_s"] is None else human(s["tokens_per_s"])
+
+
+def _ckpt(s: dict[str, Any]) -> str:
+    return "-" if s["last_checkpoint"] is None else str(s["last_checkpoint"])
+
+
+def status_table(summaries: list[dict[str, Any]]):
+    """All runs, one row each, oldest first (the order given)."""
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("name", "mode", "state", "step", "loss", "tok/s", "last ckpt", "age"):
+        numeric = col in ("step", "loss", "tok/s", "last ckpt", "age")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
+    for s in summaries:
+        table.add_row(
+            s["name"],
+            s["mode"],
+            _state_text(s["state"]),
+            _step_of(s),
+            _num(s["loss"]),
+            _rate(s),
+            _ckpt(s),
+            human_duration(s["age_s"]),
+        )
+    return table
+
+
+def _when(t: float | None) -> str:
+    return "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def status_detail(summary: dict[str, Any]):
+    """Every fact of one run as label/value rows, for `lmctl status <run>`."""
+    from rich.table import Table
+
+    s = summary
+    state = _state_text(s["state"])
+    if s["claimed_state"] != s["state"]:
+        state.append(f"  (record says {s['claimed_state']}; its driver is gone)", style="dim")
+    mfu = "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
+    val = "-" if s["val_loss"] is None else f"{s['val_loss']:.3f} (step {s['val_step']})"
+    rows = [
+        ("name", s["name"]),
+        ("state", state),
+        ("mode", s["mode"]),
+        ("preset", s["preset"]),
+        ("step", _step_of(s)),
+        ("loss", _num(s["loss"])),
+        ("val loss", val),
+        ("lr", _num(s["lr"], ".2e")),
+        ("tokens", human(s["tokens"] or 0)),
+        ("tok/s", _rate(s)),
+        ("mfu", mfu),
+        ("eta", human_duration(s["eta_s"])),
+        ("last checkpoint", _ckpt(s)),
+        ("workers", str(s["workers"])),
+        ("launches", str(s["launches"])),
+        ("created", _when(s["created"])),
+        ("updated", _when(s["updated"])),
+        ("last activity", f"{human_duration(s['age_s'])} ago"),
+        ("exit code", "-" if s["exit_code"] is None else str(s["exit_code"])),
+        ("message", s["message"] or "-"),
+        ("store", s["store"]),
+        ("checkpoints", s["checkpoints"]),
+        ("data", s["data"] or "-"),
+        ("path", s["path"]),
+    ]
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+# ---------------------------------------------------------------- logs
+
+
+def _still_writing(path: Path) -> bool:
+    """More output may come: the run is active, or its driver has not exited yet (last words)."""
+    try:
+        record = runs.read_record(path)
+    except (OSError, ValueError):
+        return False
+    return runs.effective_state(record) in runs.ACTIVE or runs.driver_alive(record)
+
+
+def print_log(path: Path, follow: bool = False, out: TextIO | None = None, poll_s: float = 0.5) -> None:
+    """Print logs/driver.log; with `follow`, keep printing what is appended until the run has ended.
+
+    The state is read *before* each read of the log, so the last read comes after the driver stopped
+    and nothing it printed is lost. Bytes are decoded incrementally: a UTF-8 character split across
+    two reads is not mangled.
+    """
+    out = out or sys.stdout
+    log = Path(path) / runs.LOG
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offset = 0
+    while True:
+        writing = follow and _still_writing(path)
+        offset = _copy_from(log, offset, decoder, out)
+        if not writing:
+            break
+        time.sleep(poll_s)
+    out.write(decoder.decode(b"", final=True))
+    out.flush()
+
+
+def _copy_from(log: Path, offset: int, decoder, out: TextIO) -> int:
+    """Write the log's bytes from `offset` on; returns the new offset (0 again if the log was replaced)."""
+    try:
+        f = log.open("rb")
+    except OSError:
+        return offset  # not created yet
+    with f:
+        if os.fstat(f.fileno()).st_size < offset:
+            offset = 0
+        f.seek(offset)
+        while chunk := f.read(_CHUNK):
+            out.write(decoder.decode(chunk))
+            offset += len(chunk)
+    out.flush()
+    return offset
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last lines of the log, reading only its end (the log may be large)."""
+    try:
+        with (path / runs.LOG).open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+# ---------------------------------------------------------------- attach
+
+
+def dashboard(path: Path):
+    """One frame of `lmctl attach`: state, progress, latest metrics and the end of the log."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    s = run_summary(Path(path))
+    head = Text.assemble((s["name"], "bold"), "  ", _state_text(s["state"]), f"  {s['mode']}")
+    if s["launches"] > 1:
+        head.append(f"  launch {s['launches']}", style="dim")
+
+    bar = Table.grid(padding=(0, 2))
+    pct = f"{100 * s['step'] / s['steps']:.0f}%" if s["steps"] else ""
+    total = s["steps"] or None  # unknown total: a pulsing bar
+    done = min(s["step"], s["steps"] or s["step"])
+    progress = ProgressBar(total=total, completed=done, width=40, complete_style="green")
+    bar.add_row(progress, f"step {_step_of(s)}", pct)
+
+    mfu = "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
+    facts = Table.grid(padding=(0, 3))
+    for _ in range(3):
+        facts.add_column(no_wrap=True)
+    facts.add_row(f"loss {_num(s['loss'])}", f"val loss {_num(s['val_loss'])}", f"lr {_num(s['lr'], '.2e')}")
+    facts.add_row(f"tok/s {_rate(s)}", f"mfu {mfu}", f"eta {human_duration(s['eta_s'])}")
+    facts.add_row(f"last ckpt {_ckpt(s)}", f"tokens {human(s['tokens'] or 0)}",
+                  f"active {human_duration(s['age_s'])} ago")
+
+    parts = [head, bar, facts]
+    if s["message"]:
+        parts.append(Text(s["message"], style=STATE_STYLE.get(s["state"], "")))
+    tail = Text.from_ansi("\n".join(_log_tail(Path(path))) or "(no log yet)", no_wrap=True,
+                          overflow="ellipsis")
+    parts.append(Panel(tail, title="logs/driver.log", title_align="left", border_style="dim"))
+    return Panel(Group(*parts), title=f"lmctl attach {s['name']}", title_align="left")
+
+
+def attach(path: Path, refresh_s: float = 1.0, console=None) -> str:
+    """Live dashboard until the run ends ('ended') or Ctrl-C ('detached'); the run is never touched.
+
+    On a terminal the frame redraws in place; elsewhere (a pipe, a file, pytest) rich's Live draws
+    only the final frame when it stops, so the output stays one readable frame.
+    """
+    from rich.console import Console
+    from rich.live import Live
+
+    path = Path(path)
+    console = console or Console()
+    if not _still_writing(path):
+        console.print(dashboard(path))
+        return "ended"
+    result = "ended"
+    with Live(dashboard(path), console=console, auto_refresh=False, transient=False) as live:
+        try:
+            while _still_writing(path):
+                time.sleep(refresh_s)
+                live.update(dashboard(path), refresh=True)
+        except KeyboardInterrupt:
+            result = "detached"
+        live.update(dashboard(path))
+    return result
+
+
+# ---------------------------------------------------------------- plot
+
+
+def _tokens_per_step(path: Path, train: list[dict[str, Any]]) -> float:
+    """run.json, else config.yaml, else what the train records imply: eval records carry no tokens."""
+    try:
+        gbt = runs.read_record(path).global_batch_tokens
+    except (OSError, ValueError, TypeError):
+        gbt = 0
+    gbt = gbt or _train_config(path).get("global_batch_tokens") or 0
+    if not gbt:
+        last = next((r for r in reversed(train) if r.get("tokens") and r["step"]), None)
+        gbt = last["tokens"] / last["step"] if last else 0
+    return float(gbt)
+
+
+def plot(path: Path, out: Path | None = None, logx: bool = False) -> Path:
+    """Train and validation loss against tokens seen, as a PNG (default: <run>/loss.png), written atomically.
+
+    Uses the Agg canvas directly rather than pyplot, so it needs no display and changes no global backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    path = Path(path)
+    name = path.name
+    metrics = _metrics(path)
+    train = [r for r in metrics if r.get("loss") is not None]
+    if not train:
+        raise ConfigError(f"run {name} has no metrics yet")
+    per_step = _tokens_per_step(path, train)
+    evals = [r for r in metrics if r.get("val_loss") is not None]
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([r.get("tokens") or r["step"] * per_step for r in train], [r["loss"] for r in train],
+            label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot([r["step"] * per_step for r in evals], [r["val_loss"] for r in evals], "o-",
+                label="val loss", markersize=4)
+    if logx:
+        ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human(x)))  # 250.0K, not 250000
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{name}: loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+
+    out = Path(out) if out is not None else path / "loss.png"
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".loss.", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

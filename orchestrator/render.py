@@ -1,0 +1,49 @@
+"""Render a run's files: the resolved config.yaml and the SkyPilot task.yaml from tasks/train.yaml.
+
+Values are substituted as JSON strings (valid YAML scalars), so a name or URI can never break the YAML
+or smuggle in keys. Nothing secret is ever rendered: credentials reach pods as SkyPilot secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import RunSpec
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+PROJECT_ROOT = TASKS_DIR.parent
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")  # {{name}}: shell's $VAR and ${VAR} in scripts stay as they are
+
+
+def render_task(
+    name: str,
+    store: str,
+    workers: int,
+    resources: dict[str, Any] | None = None,
+    num_nodes: int = 1,
+    template: Path = TASKS_DIR / "train.yaml",
+) -> str:
+    """The SkyPilot task YAML of a run. Without `resources` (a local run) it asks for a CPU machine."""
+    resources = resources or {"cpus": f"{max(2, workers)}+", "disk_size": 64}
+    block = yaml.safe_dump(resources, sort_keys=False).rstrip("\n")
+    values = {
+        "name": json.dumps(name),
+        "num_nodes": str(int(num_nodes)),
+        "resources": "\n".join(f"  {line}" for line in block.splitlines()),
+        "workdir": json.dumps(str(PROJECT_ROOT)),
+        "store": json.dumps(store),
+        "workers": json.dumps(str(workers)),
+    }
+    text = PLACEHOLDER.sub(lambda m: values[m[1]], template.read_text())  # KeyError: a template typo
+    yaml.safe_load(text)  # a template edit that breaks YAML fails here, not on the pod
+    return text
+
+
+def render_config(spec: RunSpec) -> str:
+    """config.yaml: the whole resolved spec, the single source of truth every worker reads."""
+    return "# resolved by lmctl; workers read this file. No secrets.\n" + spec.to_yaml()

@@ -1,0 +1,223 @@
+"""Run directories and run records: where a run lives on this machine and what state it is in.
+
+    runs/<name>/config.yaml    the resolved spec every worker reads (no secrets)
+    runs/<name>/task.yaml      the SkyPilot task that would run it in the cloud
+    runs/<name>/run.json       the record: mode, state, store URIs, backend ids (pids), timestamps
+    runs/<name>/logs/          driver.log: everything the run printed
+    runs/<name>/metrics.jsonl  one JSON object per logged step, evaluation and checkpoint
+
+The record says what the run last *claimed*; `effective_state` checks the claim against the processes,
+so a run whose driver died shows as failed, not running. Only the standard library is imported here:
+`lmctl status` must stay instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.config import ConfigError
+
+RUN_RECORD = "run.json"
+CONFIG = "config.yaml"
+TASK = "task.yaml"
+LOG = "logs/driver.log"
+METRICS = "metrics.jsonl"
+STOP = "STOP"  # its presence asks the workers to checkpoint and stop at the next logging step
+
+# Letters, digits, '-', '_', '.'; starts with a letter or digit; at most 64 characters. Safe as a folder
+# name, an object-store prefix, a Ray run name and a SkyPilot job name.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+ACTIVE = ("staging", "running", "stopping")  # states that claim live processes
+STATES = ("created", *ACTIVE, "finished", "stopped", "failed")
+
+
+def runs_root(override: str | Path | None = None) -> Path:
+    """Where run directories live: --runs-dir, else $LMCTL_RUNS_DIR, else ./runs."""
+    return Path(override or os.environ.get("LMCTL_RUNS_DIR") or "runs").resolve()
+
+
+def default_store(root: Path) -> str:
+    """$LMCTL_STORE, else a file:// store beside the runs."""
+    return os.environ.get("LMCTL_STORE") or f"file://{root / 'store'}"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"run name {name!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.', starting with "
+            "a letter or digit (no '/', spaces or '..')"
+        )
+    return name
+
+
+def generate_name(preset: str) -> str:
+    """'tiny-1122-153012-a3f9': readable, sortable by time, unique when two launches race."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(preset).stem)[:24].strip("-.") or "run"
+    return f"{stem}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class Process:
+    """A process we started, identified beyond its pid (pids are reused): start time and session."""
+
+    pid: int
+    start_ticks: int | None  # /proc/<pid>/stat field 22, None where /proc does not exist
+    host: str
+
+    @classmethod
+    def of(cls, pid: int) -> Process:
+        return cls(pid, _start_ticks(pid), socket.gethostname())
+
+    def alive(self) -> bool:
+        if self.host != socket.gethostname():
+            return False  # not ours to see; the cloud backend answers for remote runs
+        if self.start_ticks is not None:
+            return _start_ticks(self.pid) == self.start_ticks and not _is_zombie(self.pid)
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces and ')'
+
+
+def _start_ticks(pid: int) -> int | None:
+    f = _stat_fields(pid)
+    return int(f[19]) if f else None
+
+
+def _is_zombie(pid: int) -> bool:
+    f = _stat_fields(pid)
+    return bool(f) and f[0] == "Z"
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process in session `sid` (a detached run's driver, Ray's daemons and workers)."""
+    out = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        f = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if f and f[0] != "Z" and int(f[3]) == sid and int(entry.name) != os.getpid():
+            out.append(int(entry.name))
+    return out
+
+
+def kill_session(sid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Signal every process left in session `sid`; returns the pids signalled."""
+    pids = session_pids(sid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    return pids
+
+
+@dataclass
+class RunRecord:
+    name: str
+    mode: str
+    state: str
+    preset: str
+    created: float
+    updated: float
+    store: str  # the store URI: datasets/ and runs/<name>/ live under it
+    checkpoints: str  # URI of the run's checkpoints in the store
+    data: str | None = None  # URI of the staged dataset, once staged
+    workers: int = 1
+    steps: int = 0  # total steps of the schedule
+    global_batch_tokens: int = 0
+    driver: dict[str, Any] | None = None  # Process fields of the detached driver
+    session: int | None = None  # its session id: every process of the run shares it
+    launches: int = 0  # 1 for the launch, +1 per resume
+    exit_code: int | None = None
+    message: str | None = None  # why it failed or stopped, one line
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def run_dir(root: Path, name: str) -> Path:
+    return root / check_name(name)
+
+
+def read_record(path: Path) -> RunRecord:
+    raw = json.loads((path / RUN_RECORD).read_text())
+    known = RunRecord.__dataclass_fields__
+    return RunRecord(**{k: v for k, v in raw.items() if k in known})
+
+
+def write_record(path: Path, record: RunRecord) -> None:
+    """Atomic (tmp + rename) and owner-only: the record names pids, hosts and store URIs."""
+    record.updated = time.time()
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".run.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:  # mkstemp creates the file 0600
+        f.write(record.to_json())
+    os.replace(tmp, path / RUN_RECORD)
+
+
+def update_record(path: Path, **changes: Any) -> RunRecord:
+    """Read-modify-write under a lock: the launcher, the driver and `lmctl stop` all update the record."""
+    with open(path / ".run.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = read_record(path)
+        for k, v in changes.items():
+            setattr(record, k, v)
+        write_record(path, record)
+    return record
+
+
+def find_run(root: Path, name: str) -> Path:
+    """The run directory of `name`; ConfigError naming the known runs when there is none."""
+    path = run_dir(root, name)
+    if not (path / RUN_RECORD).is_file():
+        known = [p.name for p in list_runs(root)]
+        hint = f"; runs in {root}: {', '.join(known[-8:])}" if known else f"; {root} has no runs yet"
+        raise ConfigError(f"no run named {name!r}{hint}")
+    return path
+
+
+def list_runs(root: Path) -> list[Path]:
+    """Run directories under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if (p / RUN_RECORD).is_file()]
+    return sorted(found, key=_created)
+
+
+def _created(path: Path) -> float:
+    try:
+        return float(json.loads((path / RUN_RECORD).read_text()).get("created", 0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def driver_alive(record: RunRecord) -> bool:
+    return bool(record.driver) and Process(**record.driver).alive()
+
+
+def effective_state(record: RunRecord) -> str:
+    """The record's state, corrected by the truth: an active run whose driver is gone has failed."""
+    if record.state in ACTIVE and not driver_alive(record):
+        return "failed"
+    return record.state
