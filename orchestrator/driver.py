@@ -32,6 +32,7 @@ from orchestrator.worker import say, train_worker
 class StageFailed(Exception):
     """Staging failed; the message says why (raised in place of orchestrator.stage.StageError)."""
 
+
 REPORT_HEALTH_INTERVAL_S = "0.2"  # Ray Train's poll period: report() waits about this long (default 2 s)
 MAX_WORKER_FAILURES = 3
 

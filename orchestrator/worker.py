@@ -27,8 +27,10 @@ def train_worker(cfg: dict[str, Any]) -> None:
     from model.config import RunSpec
     from model.train import train
 
-    # Ray Train logs a line per report() call at INFO: not in the run's log.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    # Ray Train logs a line per report() call; the run's log has the metrics already.
+    logging.getLogger("ray.train.v2._internal.execution.context").addFilter(
+        lambda r: not r.getMessage().startswith("Reporting training result")
+    )
     path = Path(cfg["run_dir"])
     rank = ray.train.get_context().get_world_rank()
     _log_to(path / (LOG if rank == 0 else f"logs/worker-{rank}.log"))
