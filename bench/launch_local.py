@@ -65,6 +65,25 @@ PHASES = [
 ]
 
 
+RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_[\d-]+_\d+_(\d+)\b")
+
+# Ray's process titles in the run's session that mark the steps of starting the training workers
+RAY_STAGES = [
+    ("controller", "ray::TrainController"),
+    ("worker actors", "ray::RayTrainWorker"),
+    ("train fn called", "ray::RayTrainWorker.run_train_fn"),
+]
+
+
+def ray_stages(procs: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for label, prefix in RAY_STAGES:
+        seen = [t for title, t in procs.items() if title.startswith(prefix)]
+        if seen:
+            out[label] = min(seen)
+    return out
+
+
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -85,6 +104,7 @@ class Bench:
         self.runs: list[tuple[dict[str, str], Path]] = []  # (env, run dir) of every launched run
         self.procs: list[subprocess.Popen] = []  # plain processes (lmctl train, torchrun), own sessions
         self.sessions: set[int] = set()
+        self.drivers: set[int] = set()  # driver pids: Ray names its session folder after the driver's pid
         self._n = 0
 
     def env(self, label: str) -> dict[str, str]:
@@ -127,8 +147,12 @@ class Bench:
                     proc.wait(5)
         for env, path in self.runs:
             record = _read_json(path / "run.json")
+            if not record:
+                continue  # never rendered (launch refused it)
             if record.get("session"):
                 self.sessions.add(int(record["session"]))
+            if record.get("driver"):
+                self.drivers.add(int(record["driver"]["pid"]))
             if record.get("state") not in TERMINAL or _alive(record.get("driver")):
                 print(f"stopping leftover run {path.name}", flush=True)
                 subprocess.run(
@@ -148,7 +172,8 @@ class Bench:
         return [f"{pid} {cmd}" for pid, cmd in left]
 
     def leftovers(self) -> list[tuple[int, str]]:
-        """Live processes in a session the bench started, or naming its temp folder (like `ps` would)."""
+        """Live processes in a session the bench started, naming its temp folder, or belonging to the Ray
+        instance of one of its drivers (/tmp/ray/session_<date>_<driver pid>), as `ps` would show them."""
         out = []
         me = os.getpid()
         for entry in Path("/proc").iterdir():
@@ -162,7 +187,12 @@ class Bench:
             fields = stat[stat.rindex(")") + 2 :].split()
             if fields[0] == "Z":
                 continue
-            if int(fields[3]) in self.sessions or str(self.root) in cmd:
+            ray = RAY_SESSION.search(cmd)
+            if (
+                int(fields[3]) in self.sessions
+                or str(self.root) in cmd
+                or (ray and int(ray.group(1)) in self.drivers)
+            ):
                 out.append((int(entry.name), cmd[:160]))
         return out
 
@@ -196,6 +226,31 @@ def _alive(driver: dict | None) -> bool:
     return fields[0] != "Z" and (
         driver.get("start_ticks") is None or int(fields[19]) == driver["start_ticks"]
     )
+
+
+def session_titles(sid: int) -> list[str]:
+    """Short names of the live processes in session `sid`: Ray's process titles (ray::TrainController...),
+    else the program and its first arguments."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[3]) != sid or fields[0] == "Z":
+                continue
+            parts = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ValueError):
+            continue
+        parts = " ".join(parts).split()
+        if not parts:
+            continue
+        if parts[0].startswith("ray::"):
+            out.append(parts[0])
+        else:
+            out.append(" ".join(Path(p).name if "/" in p else p for p in parts[:3]))
+    return out
 
 
 def _nice(pid: int) -> int | None:
@@ -237,6 +292,9 @@ class Watched:
     end_s: float | None = None  # the run seen ended - t0
     phases: dict[str, float] = field(default_factory=dict)  # driver.log line seen - t0
     worker_nice: int | None = None
+    procs: dict[str, float] = field(
+        default_factory=dict
+    )  # process title first seen in the run's session - t0
     metrics: list[dict] = field(default_factory=list)
     log_tail: list[str] = field(default_factory=list)
 
@@ -259,8 +317,14 @@ def launch_and_watch(
         )
     log, metrics_path, pos, buf, lines = path / "logs" / "driver.log", path / "metrics.jsonl", 0, b"", []
     deadline = time.monotonic() + timeout
+    sid = _read_json(path / "run.json").get("session")
+    polls = 0
     while True:
         now = time.time() - t0
+        if sid and polls % 4 == 0:  # ~1.5 ms of CPU per scan of /proc, every 0.2 s
+            for title in session_titles(sid):
+                w.procs.setdefault(title, now)
+        polls += 1
         if log.exists():
             with open(log, "rb") as f:
                 f.seek(pos)
@@ -323,7 +387,8 @@ def measure_ttfs(bench: Bench, reps: int) -> dict[str, Any]:
                     "first_step_s": w.first_step_s,
                     "launch_cmd_s": w.launch_cmd_s,
                     "created_s": w.created_s,
-                    "phases_s": w.phases,
+                    "phases_s": {**w.phases, **ray_stages(w.procs)},
+                    "processes_first_seen_s": w.procs,
                     "end_s": w.end_s,
                     "worker_nice": w.worker_nice,
                     "loadavg_1m": os.getloadavg()[0],
@@ -353,11 +418,22 @@ def measure_smoke(bench: Bench) -> dict[str, Any]:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    try:
-        code = proc.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        subprocess.run([LMCTL, "stop", name, "--timeout", "30"], env=env, cwd=REPO, capture_output=True)
-        raise RuntimeError("the smoke run did not end within 600 s; stopped it") from None
+    procs: dict[str, float] = {}
+    sid = None
+    while True:  # trace the run's processes as ttfs does, until the command exits
+        now = time.time() - t0
+        sid = sid or _read_json(path / "run.json").get("session")
+        if sid:
+            for title in session_titles(sid):
+                procs.setdefault(title, now)
+        if now > 600:
+            subprocess.run([LMCTL, "stop", name, "--timeout", "30"], env=env, cwd=REPO, capture_output=True)
+            raise RuntimeError("the smoke run did not end within 600 s; stopped it")
+        try:
+            code = proc.wait(0.2)
+            break
+        except subprocess.TimeoutExpired:
+            pass
     wall = time.time() - t0
     reader.join(5)
     metrics = read_metrics(path / "metrics.jsonl")
@@ -373,7 +449,8 @@ def measure_smoke(bench: Bench) -> dict[str, Any]:
         "wall_s": wall,
         "first_step_s": train[0]["time"] - t0 if train else None,
         "last_step_s": train[-1]["time"] - t0 if train else None,
-        "phases_s": phases,
+        "phases_s": {**phases, **ray_stages(procs)},
+        "processes_first_seen_s": procs,
         "steps": train[-1]["step"] if train else None,
         "final_loss": train[-1]["loss"] if train else None,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
@@ -578,34 +655,40 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def print_breakdown(res: dict[str, Any]) -> None:
-    """Where the time to the first step goes: when each driver.log line appeared (median of the runs)."""
-    cols = ["launch returned", "driver: staging", "staged", "Ray up", "starting workers", "workers started",
-            "first step"]  # fmt: skip
+    """Where the time to the first step goes: seconds after the launch at which each driver.log line
+    appeared and Ray's processes for the training workers were first seen (median of the runs)."""
+    cols = [
+        ("launch returned", "launch_cmd_s"),
+        ("driver: staging", "staging_started"),
+        ("staged", "staged"),
+        ("Ray up", "ray_up"),
+        ("controller", "controller"),
+        ("worker actors", "worker actors"),
+        ("train fn called", "train fn called"),
+        ("workers started", "workers_started"),
+        ("first step", "first_step_s"),
+    ]
     rows = []
 
     def phase_row(label: str, runs: list[dict]) -> dict:
-        def med(key: str) -> float | None:
-            return median([r["phases_s"][key] for r in runs if key in r["phases_s"]])
-
-        return {
-            "run": label,
-            "launch returned": median([r["launch_cmd_s"] for r in runs if r.get("launch_cmd_s") is not None]),
-            "driver: staging": med("staging_started"),
-            "staged": med("staged"),
-            "Ray up": med("ray_up"),
-            "starting workers": med("workers_starting"),
-            "workers started": med("workers_started"),
-            "first step": median([r["first_step_s"] for r in runs]),
-        }
+        row: dict[str, Any] = {"run": label}
+        for header, key in cols:
+            if key in ("launch_cmd_s", "first_step_s"):
+                row[header] = median([r[key] for r in runs if r.get(key) is not None])
+            else:
+                row[header] = median([r["phases_s"][key] for r in runs if key in r["phases_s"]])
+        return row
 
     if "ttfs" in res:
         rows += [phase_row(f"ttfs {k}", res["ttfs"][k]) for k in ("cold", "warm")]
     if "smoke" in res:
-        s = res["smoke"]
-        rows.append(phase_row("smoke", [s]))
+        rows.append(phase_row("smoke", [res["smoke"]]))
     if rows:
-        print("\nseconds after `lmctl launch` started when each driver.log line appeared (median):")
-        print_table(rows, [("run", "run", "")] + [(c, c, ".1f") for c in cols])
+        print(
+            "\nseconds after `lmctl launch` started at which each driver.log line appeared, and Ray's "
+            "processes\nfor the training workers were first seen (median):"
+        )
+        print_table(rows, [("run", "run", "")] + [(h, h, ".1f") for h, _ in cols])
 
 
 def main(argv: list[str] | None = None) -> int:

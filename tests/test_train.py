@@ -186,18 +186,6 @@ def unigram_cross_entropy(data_dir: Path) -> float:
 
 
 @pytest.mark.slow
-def test_tiny_preset_learns_well_below_unigram(tiny_dataset, tmp_path):
-    data_dir, manifest = tiny_dataset
-    baseline = unigram_cross_entropy(data_dir)
-    spec = resolve("tiny", [f"data.path={data_dir}"])
-    result = train(spec, tmp_path)
-    assert result.step == spec.train.steps
-    vals = val_losses(tmp_path)
-    assert vals[-1] < baseline - 1.0, (vals, baseline)
-    assert vals == sorted(vals, reverse=True)  # evaluation loss falls at every evaluation
-
-
-@pytest.mark.slow
 def test_fsdp_on_two_processes_then_resume_on_one(small_data, reference, tmp_path):
     """FSDP2 shards the model over 2 ranks; its checkpoint is a full state that one plain process resumes."""
     spec = small_spec(small_data, "train.parallel=fsdp")
