@@ -240,13 +240,15 @@ def _follow(args: argparse.Namespace, path: Path) -> int:
     except KeyboardInterrupt:
         print("\nstopping: checkpoint at the next logging step (Ctrl-C again to kill)", file=sys.stderr)
         try:
-            launch.stop(path.name, root=path.parent)
+            record = launch.stop(path.name, root=path.parent)
         except KeyboardInterrupt:
             record = runs.read_record(path)
             if record.session:
                 runs.kill_session(record.session)
             runs.update_record(path, state="stopped", message="killed by a second Ctrl-C")
             return 130
+        print(f"run {path.name} {record.state}: lmctl resume {path.name} continues it", file=sys.stderr)
+        return 130
     record = runs.read_record(path)
     return record.exit_code if record.exit_code is not None else 1
 

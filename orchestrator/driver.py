@@ -78,6 +78,7 @@ def start_ray(workers: int, address: str | None) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         ray.init(
+            address="local",  # our own instance, even where another Ray cluster runs (or RAY_ADDRESS is set)
             num_cpus=max(workers, 1),
             include_dashboard=False,
             object_store_memory=100 * 1024**2,
