@@ -1,7 +1,7 @@
 """`lmctl launch --mode local`: time to the first step, the smoke run, CLI start-up, Ray's per-step overhead.
 
-    python -m bench.launch_local                 # everything, ~8 minutes on 2 cores
-    python -m bench.launch_local --quick         # one repetition each, ~5 minutes
+    python -m bench.launch_local                 # everything, ~7 minutes on 2 idle cores
+    python -m bench.launch_local --quick         # one repetition each, ~4 minutes
     python -m bench.launch_local --only ttfs     # one measurement: ttfs, smoke, cli or overhead
 
 Every run gets fresh temp folders for its runs, store and data cache (LMCTL_RUNS_DIR, LMCTL_CACHE set,
@@ -71,7 +71,6 @@ RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_[\d-]+_\d+_(\d+)\b")
 RAY_STAGES = [
     ("controller", "ray::TrainController"),
     ("worker actors", "ray::RayTrainWorker"),
-    ("train fn called", "ray::RayTrainWorker.run_train_fn"),
 ]
 
 
@@ -674,7 +673,6 @@ def print_breakdown(res: dict[str, Any]) -> None:
         ("Ray up", "ray_up"),
         ("controller", "controller"),
         ("worker actors", "worker actors"),
-        ("train fn called", "train fn called"),
         ("workers started", "workers_started"),
         ("first step", "first_step_s"),
     ]

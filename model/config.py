@@ -14,12 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from model.errors import ConfigError
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CORPUS = CONFIGS_DIR / "data" / "shakespeare.jsonl"
-
-
-class ConfigError(ValueError):
-    """A config or override the user typed is wrong; the message says what and what is allowed."""
 
 
 class _Strict(BaseModel):

@@ -12,9 +12,10 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from model.config import RunSpec
+if TYPE_CHECKING:
+    from model.config import RunSpec
 
 
 def truncate_after(path: Path, step: int) -> None:

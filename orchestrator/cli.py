@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from model.config import ConfigError
+    from model.errors import ConfigError
 
     try:
         return args.func(args)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from model.config import ConfigError
+from model.errors import ConfigError
 from model.metrics import read_metrics
 from orchestrator import runs
 from orchestrator.progress import human

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config import ConfigError
+from model.errors import ConfigError
 
 RUN_RECORD = "run.json"
 CONFIG = "config.yaml"
