@@ -130,7 +130,7 @@ def start_driver(path: Path) -> runs.RunRecord:
     """Start `python -m orchestrator.driver` detached: its own session, so it outlives this command and
     every process of the run can be found (and reaped) by session id."""
     record = runs.read_record(path)
-    runs.update_record(path, state="staging", launches=record.launches + 1, exit_code=None, message=None)
+    runs.update_record(path, launches=record.launches + 1, exit_code=None, message=None)
     with open(path / runs.LOG, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.driver", str(path)],
@@ -140,7 +140,10 @@ def start_driver(path: Path) -> runs.RunRecord:
             start_new_session=True,
             cwd=str(Path(__file__).resolve().parent.parent),
         )
-    return runs.update_record(path, driver=runs.Process.of(proc.pid).__dict__, session=proc.pid)
+    # One write, so the record never claims an active state without naming a live driver. The driver's own
+    # first write (pid, session) says the same; it reaches "running" only seconds later.
+    driver = runs.Process.of(proc.pid).__dict__
+    return runs.update_record(path, state="staging", driver=driver, session=proc.pid)
 
 
 def resume(name: str, root: Path | None = None) -> runs.RunRecord:

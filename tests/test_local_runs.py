@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,16 @@ SHORT += ["--override", "train.checkpoint_every=20"]
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> dict[str, str]:
+def lab(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Environment of the module's runs: their own runs folder, store and cache; wandb offline."""
     base = tmp_path_factory.mktemp("lab")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCTL_", "WANDB_"))}
     env.update(LMCTL_RUNS_DIR=str(base / "runs"), LMCTL_CACHE=str(base / "cache"), WANDB_MODE="offline")
-    return env
+    yield env
+    for path in runs.list_runs(base / "runs"):  # a failed test must not leave its detached run training
+        session = runs.read_record(path).session
+        if session:
+            runs.kill_session(session)
 
 
 def lmctl(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -77,8 +82,10 @@ def wait_for_step(env: dict[str, str], name: str, step: int, timeout: float = 18
         done = losses(env, name)
         if done and done[-1][0] >= step:
             return
-        record = runs.read_record(run_path(env, name))
-        assert runs.effective_state(record) in runs.ACTIVE, f"run ended before step {step}: {record.message}"
+        if (run_path(env, name) / runs.RUN_RECORD).exists():  # a --foreground launch may still be rendering
+            record = runs.read_record(run_path(env, name))
+            ended = f"run ended before step {step}: {record.message}"
+            assert runs.effective_state(record) in ("created", *runs.ACTIVE), ended
         time.sleep(0.1)
     raise AssertionError(f"run {name} did not reach step {step} in {timeout} s")
 
@@ -217,3 +224,30 @@ def test_a_local_run_can_use_an_s3_store(lab, s3_bucket):
     assert "runs/in-s3/checkpoints/step_000000020/COMMIT" in keys
     assert any(k.startswith("datasets/") and k.endswith("manifest.json") for k in keys)
     assert_nothing_left(env, "in-s3")
+
+
+def test_ctrl_c_in_the_foreground_and_sigterm_to_the_driver_both_stop_with_a_checkpoint(lab, tmp_path):
+    """Ctrl-C on `launch --foreground` stops the run cleanly (exit 130); so does SIGTERM to a resumed run's
+    driver, which is what a cloud scheduler's cancel sends."""
+    args = ["--override", "train.steps=5000", "--override", "train.log_every=5"]
+    cmd = [sys.executable, "-m", "orchestrator.cli", "launch", "--config", "tiny", "--name", "interrupted"]
+    with open(tmp_path / "out.txt", "w") as out:
+        fg = subprocess.Popen([*cmd, "--foreground", *args], env=lab, stdout=out, stderr=subprocess.STDOUT)
+        wait_for_step(lab, "interrupted", 10)
+        fg.send_signal(signal.SIGINT)
+        assert fg.wait(timeout=120) == 130
+    assert "lmctl resume interrupted continues it" in (tmp_path / "out.txt").read_text()
+    s = status(lab, "interrupted")
+    assert s["state"] == "stopped" and s["last_checkpoint"] == s["step"] >= 10
+    assert_nothing_left(lab, "interrupted")
+
+    first_stop = s["step"]
+    assert lmctl(lab, "resume", "interrupted").returncode == 0
+    wait_for_step(lab, "interrupted", first_stop + 10)
+    record = runs.read_record(run_path(lab, "interrupted"))
+    os.kill(record.driver["pid"], signal.SIGTERM)
+    lmctl(lab, "logs", "interrupted", "-f", timeout=120)  # returns once the driver has exited
+    s = status(lab, "interrupted")
+    assert s["state"] == "stopped" and s["last_checkpoint"] == s["step"] >= first_stop + 10
+    assert s["launches"] == 2
+    assert_nothing_left(lab, "interrupted")
