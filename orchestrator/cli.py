@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -235,6 +236,9 @@ def _follow(args: argparse.Namespace, path: Path) -> int:
     a second Ctrl-C kills it."""
     from orchestrator import launch, observe, runs
 
+    # Python leaves SIGINT ignored when its parent ignored it (a background job of a script, nohup); here a
+    # SIGINT is a request to stop the run, so take it whatever we inherited.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         observe.print_log(path, follow=True)
     except KeyboardInterrupt:
