@@ -23,7 +23,7 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ STOP = "STOP"  # its presence asks the workers to checkpoint and stop at the nex
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 ACTIVE = ("staging", "running", "stopping")  # states that claim live processes
-STATES = ("created", *ACTIVE, "finished", "stopped", "failed")
+# A record goes created -> staging -> running (-> stopping) -> finished, stopped or failed.
 
 
 def runs_root(override: str | Path | None = None) -> Path:
@@ -151,14 +151,9 @@ class RunRecord:
     launches: int = 0  # 1 for the launch, +1 per resume
     exit_code: int | None = None
     message: str | None = None  # why it failed or stopped, one line
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
-
-
-def run_dir(root: Path, name: str) -> Path:
-    return root / check_name(name)
 
 
 def read_record(path: Path) -> RunRecord:
@@ -189,7 +184,7 @@ def update_record(path: Path, **changes: Any) -> RunRecord:
 
 def find_run(root: Path, name: str) -> Path:
     """The run directory of `name`; ConfigError naming the known runs when there is none."""
-    path = run_dir(root, name)
+    path = root / check_name(name)
     if not (path / RUN_RECORD).is_file():
         known = [p.name for p in list_runs(root)]
         hint = f"; runs in {root}: {', '.join(known[-8:])}" if known else f"; {root} has no runs yet"
