@@ -26,12 +26,8 @@ from model.config import ConfigError, RunSpec, load_spec
 from model.store import StoreError
 from orchestrator import runs
 from orchestrator.render import render_config
+from orchestrator.stage import StageError, stage
 from orchestrator.worker import say, train_worker
-
-
-class StageFailed(Exception):
-    """Staging failed; the message says why (raised in place of orchestrator.stage.StageError)."""
-
 
 REPORT_HEALTH_INTERVAL_S = "0.2"  # Ray Train's poll period: report() waits about this long (default 2 s)
 MAX_WORKER_FAILURES = 3
@@ -40,16 +36,12 @@ MAX_WORKER_FAILURES = 3
 def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path) -> RunSpec:
     """Stage the dataset into the store once; config.yaml then names the staged copy (data.path)."""
     from model.staged import staged_manifest
-    from orchestrator.stage import StageError, stage  # datasets, tokenizers: only the driver needs them
 
     if spec.data.path:
         staged_manifest(spec.data.path)  # still there?
         return spec
     say(f"staging {spec.data.dataset} to {record.store}")
-    try:
-        result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=False)
-    except StageError as e:
-        raise StageFailed(str(e)) from None
+    result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=False)
     say(
         f"{'reused' if result.reused else 'staged'} {result.tokens:,} tokens at {result.dataset_uri} "
         f"({result.seconds:.1f} s)"
@@ -175,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             state, step = outcome(spec, record)
             code, message = 0, f"{state} at step {step}"
-    except (ConfigError, StoreError, StageFailed) as e:
+    except (ConfigError, StoreError, StageError) as e:
         message = str(e)
     except Exception as e:  # noqa: BLE001 - the record must say why the run ended
         message = f"{type(e).__name__}: {e}".splitlines()[0]

@@ -172,12 +172,11 @@ def stop(name: str, root: Path | None = None, timeout: float = 120.0) -> runs.Ru
         deadline = time.monotonic() + timeout
         while runs.driver_alive(record) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if runs.driver_alive(record):
-            runs.kill_session(record.session or record.driver["pid"])
+        if runs.driver_alive(record):  # killed just below, with the rest of its session
             message = f"not stopped after {timeout:.0f} s, killed; resume continues from its last checkpoint"
             runs.update_record(path, state="stopped", message=message)
     if record.session:
-        runs.kill_session(record.session)  # Ray's agents, if the driver could not reap them
+        runs.kill_session(record.session)  # a driver past its timeout, or Ray's agents it could not reap
     record = runs.read_record(path)
     if record.state in runs.ACTIVE:  # the driver died without saying how it ended
         record = runs.update_record(path, state="stopped", message=record.message or "stopped by lmctl stop")
