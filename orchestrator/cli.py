@@ -13,6 +13,11 @@ EPILOG = """examples:
   lmctl launch --mode local --config tiny         stage, then train here with 2 Ray workers (detached)
   lmctl launch --config tiny --name dev --override train.steps=500 --foreground
   lmctl launch --config 124m --dry-run            render runs/<name>/ (config.yaml, task.yaml), launch nothing
+  lmctl plan --gpu RTX5090 --config 1b            memory, micro-batch, tokens/s, time and cost before renting
+  lmctl launch --gpu RTX5090 --config 1b --dataset HuggingFaceFW/fineweb-edu --store s3://my-bucket/lm
+                                                  stage here, then a SkyPilot managed job (spot-safe)
+  lmctl launch --gpu H100:8 --nodes 2 --cloud aws --spot --config 1b --store s3://my-bucket/lm --dry-run
+  lmctl resume big --gpu H100:4                   continue a cloud run on other GPUs (same global batch)
   lmctl status                                    every run: state, step, loss, tokens/s, last checkpoint
   lmctl logs dev -f                               follow a run's log until it ends
   lmctl attach dev                                live dashboard; Ctrl-C detaches, the run goes on
@@ -194,17 +199,57 @@ def _run_path(args: argparse.Namespace) -> Path:
     return find_run(_root(args), args.run)
 
 
+def _hardware(args: argparse.Namespace, default_gpu: str | None = None):
+    """The cloud flags as a launch.Hardware, or None for a local run."""
+    from orchestrator.launch import DISK_GB, Hardware
+
+    gpu = args.gpu or default_gpu
+    if not gpu:
+        given = [f for f in ("nodes", "cloud", "image", "price") if getattr(args, f, None) is not None]
+        if given or args.spot:
+            raise _config_error(
+                f"--{(given or ['spot'])[0]} is for cloud runs: add --gpu, e.g. --gpu RTX5090"
+            )
+        return None
+    return Hardware(
+        gpu=gpu,
+        nodes=args.nodes or 1,
+        cloud=args.cloud,
+        spot=args.spot,
+        managed=not args.no_managed,
+        disk_size=args.disk_size or DISK_GB,
+        image=args.image,
+        price=args.price,
+        mfu=args.mfu,
+    )
+
+
+def _config_error(message: str):
+    from model.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def _print_plan(plan) -> None:
+    from rich.console import Console
+
+    from orchestrator.plan import plan_renderable
+
+    Console(stderr=True).print(plan_renderable(plan))
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.launch import launch, resolve_spec
 
+    overrides = [*args.override, *([f"data.dataset={args.dataset}"] if args.dataset else [])]
     if args.print_config:
         from orchestrator.render import render_config
 
-        print(render_config(resolve_spec(args.config, args.override, args.wandb)), end="")
+        print(render_config(resolve_spec(args.config, overrides, args.wandb)), end="")
         return 0
     launched = launch(
         args.config,
-        args.override,
+        overrides,
         name=args.name,
         mode=args.mode,
         workers=args.workers,
@@ -212,23 +257,64 @@ def cmd_launch(args: argparse.Namespace) -> int:
         wandb=args.wandb,
         dry_run=args.dry_run,
         root=args.runs_dir,
+        hardware=_hardware(args),
+        show_plan=None if args.json else _print_plan,
     )
-    name, path = launched.name, launched.path
+    name, path, record = launched.name, launched.path, launched.record
     if args.json:
         from dataclasses import asdict
 
-        print(json.dumps({**asdict(launched.record), "path": str(path)}, indent=1))
+        print(json.dumps({**asdict(record), "path": str(path)}, indent=1))
     elif args.dry_run:
         print(f"dry run: rendered {path}/ (config.yaml, task.yaml, run.json); nothing launched")
         print(f"  start it:  lmctl resume {name}")
     else:
-        print(f"launched run {name} ({launched.record.mode}, {launched.record.workers} workers) in {path}")
+        where = (
+            f"{record.workers} workers"
+            if record.mode == "local"
+            else f"{record.gpu} x {record.nodes} node(s)"
+        )
+        job = f", SkyPilot job {record.job_id}" if record.mode == "cloud" else ""
+        print(f"launched run {name} ({record.mode}, {where}{job}) in {path}")
         if not args.foreground:
             print(f"  follow:  lmctl logs {name} -f    dashboard: lmctl attach {name}")
             print(f"  status:  lmctl status {name}    stop: lmctl stop {name}")
     if args.foreground and not args.dry_run:
+        if record.mode == "cloud":
+            from orchestrator import cloud
+
+            cloud.tail_logs(record, follow=True)
+            return 0
         return _follow(args, path)
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from orchestrator.gpus import parse_gpu
+    from orchestrator.launch import resolve_spec
+    from orchestrator.plan import make_plan
+
+    spec = resolve_spec(args.config, args.override)
+    plan = make_plan(
+        spec,
+        parse_gpu(args.gpu),
+        args.nodes or 1,
+        cloud=args.cloud,
+        spot=args.spot,
+        mfu=args.mfu,
+        price=args.price,
+        tokens=args.tokens,
+        tokens_per_param=args.tokens_per_param,
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+        return 0
+    from rich.console import Console
+
+    from orchestrator.plan import plan_renderable
+
+    Console().print(plan_renderable(plan))
+    return 0 if plan.fits else 1
 
 
 def _follow(args: argparse.Namespace, path: Path) -> int:
@@ -259,11 +345,28 @@ def _follow(args: argparse.Namespace, path: Path) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.launch import resume
+    from orchestrator.runs import read_record
 
-    record = resume(args.run, root=args.runs_dir)
     path = _run_path(args)
-    print(f"resumed run {record.name} (launch {record.launches}); it continues from its newest checkpoint")
+    hardware = None
+    if args.gpu or args.nodes or args.cloud or args.spot or args.no_managed:
+        hardware = _hardware(args, default_gpu=read_record(path).gpu or "?")
+    record = resume(args.run, root=args.runs_dir, hardware=hardware)
+    if record.mode == "cloud":
+        print(
+            f"resumed run {record.name} (launch {record.launches}, {record.gpu} x {record.nodes} node(s), "
+            f"SkyPilot job {record.job_id}); it continues from its newest checkpoint"
+        )
+    else:
+        print(
+            f"resumed run {record.name} (launch {record.launches}); it continues from its newest checkpoint"
+        )
     if args.foreground:
+        if record.mode == "cloud":
+            from orchestrator import cloud
+
+            cloud.tail_logs(record, follow=True)
+            return 0
         return _follow(args, path)
     print(f"  follow:  lmctl logs {record.name} -f    dashboard: lmctl attach {record.name}")
     return 0
@@ -285,14 +388,28 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refreshed(path: Path) -> None:
+    """A cloud run's record brought up to date from SkyPilot and the store; the last known state (with a
+    warning) when they cannot be reached."""
+    from orchestrator import cloud, runs
+
+    record = runs.read_record(path)
+    if record.mode != "cloud" or record.state not in runs.ACTIVE:
+        return
+    try:
+        cloud.refresh(path)
+    except Exception as e:  # noqa: BLE001 - status must still show what it knows
+        print(f"warning: {record.name}: last known state shown; {str(e).splitlines()[0]}", file=sys.stderr)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import observe
     from orchestrator.runs import list_runs
 
-    if args.run:
-        summaries = [observe.run_summary(_run_path(args))]
-    else:
-        summaries = [observe.run_summary(p) for p in list_runs(_root(args))]
+    paths = [_run_path(args)] if args.run else list_runs(_root(args))
+    for path in paths:
+        _refreshed(path)
+    summaries = [observe.run_summary(p) for p in paths]
     if args.json:
         print(json.dumps(summaries[0] if args.run else summaries, indent=1))
         return 0
@@ -306,16 +423,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from orchestrator import observe
+    from orchestrator import cloud, observe, runs
 
-    observe.print_log(_run_path(args), follow=args.follow)
+    path = _run_path(args)
+    record = runs.read_record(path)
+    if record.mode == "cloud" and record.job_id is not None:
+        cloud.tail_logs(record, follow=args.follow)
+        return 0
+    observe.print_log(path, follow=args.follow)
     return 0
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    from orchestrator import observe
+    from orchestrator import observe, runs
 
-    if observe.attach(_run_path(args)) == "detached":
+    path = _run_path(args)
+    cloud_run = runs.read_record(path).mode == "cloud"
+    if observe.attach(path, refresh=(lambda: _refreshed(path)) if cloud_run else None) == "detached":
         print(f"detached; the run goes on (lmctl attach {args.run} to come back)", file=sys.stderr)
     return 0
 
@@ -354,6 +478,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_hardware_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cloud (SkyPilot)")
+    g.add_argument(
+        "--gpu",
+        help="GPUs per node: RTX5090, A100-80GB:8, fallbacks in order RTX5090,RTX4090 (implies --mode cloud)",
+    )
+    g.add_argument("--nodes", type=int, help="nodes, each with --gpu (default 1; not on RunPod)")
+    g.add_argument("--cloud", help="runpod, lambda, aws, gcp or kubernetes (default: any that has the GPU)")
+    g.add_argument("--spot", action="store_true", help="spot/preemptible GPUs; the managed job recovers")
+    g.add_argument(
+        "--no-managed", action="store_true", help="a plain cluster (autodown when idle), no recovery"
+    )
+    g.add_argument("--disk-size", type=int, help="GB of disk per node (default 128)")
+    g.add_argument("--image", help="image_id, e.g. docker:nvcr.io/nvidia/pytorch:25.01-py3")
+    g.add_argument("--price", type=float, help="USD per GPU-hour for the plan (default: the price table)")
+    g.add_argument("--mfu", type=float, default=0.40, help="MFU the plan assumes (default 0.40)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="lmctl",
@@ -382,10 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--override", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=100"
     )
+    p.add_argument("--dataset", help="hub id (org/name) or local file/folder to train on (data.dataset)")
     p.add_argument("--name", help="run name (default: <preset>-<date>-<time>-<random>)")
-    p.add_argument("--mode", default="local", choices=["local"], help="local: Ray on this machine")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    p.add_argument("--store", help="s3://bucket/prefix or file:///dir (default: runs/store)")
+    p.add_argument(
+        "--mode",
+        choices=["local", "cloud"],
+        help="local: Ray on this machine (default); cloud: SkyPilot (implied by --gpu)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="local Ray Train workers (default 2)")
+    p.add_argument(
+        "--store", help="s3://bucket/prefix or file:///dir (default: $LMCTL_STORE, else runs/store)"
+    )
+    _add_hardware_flags(p)
     p.add_argument("--wandb", action="store_true", help="log to wandb (offline without WANDB_API_KEY)")
     p.add_argument("--foreground", action="store_true", help="stay attached: print the log until the end")
     p.add_argument("--dry-run", action="store_true", help="render the run directory; launch nothing")
@@ -409,9 +559,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before killing (default 120)")
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("resume", parents=[one_run], help="continue a run from its newest checkpoint")
+    p = sub.add_parser(
+        "resume",
+        parents=[one_run],
+        help="continue a run from its newest checkpoint",
+        description="Start a stopped or failed run again from its newest committed checkpoint. A cloud run "
+        "may move to other GPUs (--gpu, --nodes, --cloud, --spot): the global batch, and so the data order, "
+        "stay the same; the micro-batch and gradient accumulation follow the new hardware.",
+    )
     p.add_argument("--foreground", action="store_true", help="stay attached: print the log until the end")
+    _add_hardware_flags(p)
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser(
+        "plan",
+        help="memory per GPU, micro-batch, tokens/s, time and cost of a config on a GPU",
+        description="Estimate before renting: parameters, FLOPs per token, memory per GPU (weights, "
+        "gradients, optimizer, activations; with and without activation checkpointing or FSDP) and whether "
+        "it fits, the micro-batch and gradient accumulation, tokens/s at a stated MFU, and the time and cost "
+        "to a token budget (default 20 tokens per parameter) at a price per GPU-hour (configs/pricing/"
+        "prices.yaml, or --price). Exit 1 when it does not fit.",
+    )
+    p.add_argument("--config", default="1b", help="preset name or YAML path (default 1b)")
+    p.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE", help="e.g. model.n_layers=24"
+    )
+    p.add_argument(
+        "--gpu", required=True, help="e.g. RTX5090, H100-SXM:8, RTX5090,RTX4090 (first is planned)"
+    )
+    p.add_argument("--nodes", type=int, help="nodes (default 1)")
+    p.add_argument("--cloud", help="runpod, lambda, aws, gcp or kubernetes (default: the cheapest)")
+    p.add_argument("--spot", action="store_true", help="spot prices")
+    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilization to assume (default 0.40)")
+    p.add_argument("--price", type=float, help="USD per GPU-hour (default: the shipped price table)")
+    p.add_argument("--tokens", type=_count, help="token budget, e.g. 26B (default: 20 x parameters)")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, help="budget per parameter (default 20)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", parents=[one_run], help="sample text from a run's latest checkpoint")
     p.add_argument("--prompt", default="", help="text to continue")

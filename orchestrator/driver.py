@@ -1,14 +1,19 @@
 """The driver of one run: stage the data, start Ray, run the training loop in a TorchTrainer, record the end.
 
-    python -m orchestrator.driver runs/<name>                      # what `lmctl launch` starts, detached
-    python -m orchestrator.driver runs/<name> --address HOST:6379  # on a cloud head node (tasks/train.yaml)
+    python -m orchestrator.driver runs/<name>            # what `lmctl launch --mode local` starts, detached
+    python -m orchestrator.driver --pod <name> --store s3://… --address HOST:6379 --workers N --nodes K
+                                                         # on a cloud head node (tasks/train.yaml's run)
 
 Same code path locally and in the cloud. The workers resume from the run's newest committed checkpoint
 in the store by themselves, so a worker restarted by Ray's FailureConfig, a driver restarted by
 `lmctl resume` and a pod recovered by SkyPilot all take one path.
 
-Stopping: the file runs/<name>/STOP asks every worker to checkpoint and stop at its next logging step.
-`lmctl stop` writes it; SIGTERM or Ctrl-C to the driver writes it too.
+On a pod the run directory is rebuilt from the store (config.yaml, metrics.jsonl so far): a pod that
+SkyPilot recovered after a preemption is a new machine that knows only the run's name and store.
+
+Stopping: the file runs/<name>/STOP (on a pod: the object runs/<name>/STOP in the store) asks every worker
+to checkpoint and stop at its next logging step. `lmctl stop` writes it; SIGTERM or Ctrl-C to the driver
+writes it too.
 """
 
 from __future__ import annotations
@@ -23,17 +28,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from model.config import ConfigError, RunSpec, load_spec
-from model.store import StoreError
+from model.store import StoreError, open_store
 from orchestrator import runs
 from orchestrator.render import render_config
 from orchestrator.stage import StageError, stage
 from orchestrator.worker import say, train_worker
 
-REPORT_HEALTH_INTERVAL_S = "0.2"  # Ray Train's poll period: report() waits about this long (default 2 s)
 MAX_WORKER_FAILURES = 3
+NODES_TIMEOUT_S = 600  # how long the head waits for the other nodes to join its Ray cluster
+
+# The environment of Ray's processes (the controller and the workers), set alike for a local cluster (which
+# inherits this process's environment) and a cloud one (passed as the job's runtime_env).
+RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints once, not twice
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # Ray Train's poll period: report() waits about this long
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Two actors fewer to start (~2 s on 2 cores): recovery from preemption is our checkpoints' job (and
+    # SkyPilot's), and nothing reads Ray Train's Prometheus metrics.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 
 
-def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path) -> RunSpec:
+def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path, progress: bool = False) -> RunSpec:
     """Stage the dataset into the store once; config.yaml then names the staged copy (data.path)."""
     from model.staged import staged_manifest
 
@@ -41,7 +58,7 @@ def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path) -> RunSpec:
         staged_manifest(spec.data.path)  # still there?
         return spec
     say(f"staging {spec.data.dataset} to {record.store}")
-    result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=False)
+    result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=progress)
     say(
         f"{'reused' if result.reused else 'staged'} {result.tokens:,} tokens at {result.dataset_uri} "
         f"({result.seconds:.1f} s)"
@@ -54,24 +71,21 @@ def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path) -> RunSpec:
     return spec
 
 
-def start_ray(workers: int, address: str | None) -> None:
+def start_ray(workers: int, address: str | None, nodes: int = 1) -> None:
     """Join a cluster (cloud) or start a small one here; workers inherit this process's environment."""
     cpus = os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // max(1, workers))))
-    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # worker prints once, not twice
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_HEALTH_INTERVAL_S)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Two actors fewer to start (~2 s on 2 cores): recovery from preemption is our checkpoints' job (and
-    # SkyPilot's), and nothing reads Ray Train's Prometheus metrics.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in $HOME for a local run
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     import ray
 
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        env = {k: os.environ[k] for k in RAY_ENV}
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+        wait_for_nodes(nodes)
     else:
         ray.init(
             address="local",  # our own instance, even where another Ray cluster runs (or RAY_ADDRESS is set)
@@ -83,7 +97,54 @@ def start_ray(workers: int, address: str | None) -> None:
         )
 
 
-def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool) -> str | None:
+def wait_for_nodes(nodes: int) -> None:
+    """The head starts training only once every node has joined: Ray Train would otherwise wait for the
+    missing GPUs without saying why."""
+    import ray
+
+    deadline = time.monotonic() + NODES_TIMEOUT_S
+    while (alive := sum(n["Alive"] for n in ray.nodes())) < nodes:
+        if time.monotonic() > deadline:
+            raise StageError(f"only {alive} of {nodes} nodes joined the Ray cluster in {NODES_TIMEOUT_S} s")
+        time.sleep(1)
+    say(f"{nodes} node{'s' * (nodes > 1)} in the Ray cluster")
+
+
+def pod_run_dir(name: str, store: str, workers: int) -> Path:
+    """On a cloud head node: runs/<name>/ rebuilt from the store, which is all a recovered pod has."""
+    path = runs.runs_root() / runs.check_name(name)
+    (path / "logs").mkdir(parents=True, exist_ok=True)
+    bucket = open_store(store)
+    bucket.get_file(runs.store_key(name, runs.CONFIG), path / runs.CONFIG)
+    metrics = path / runs.METRICS
+    if not metrics.exists() and bucket.exists(runs.store_key(name, runs.METRICS)):
+        bucket.get_file(runs.store_key(name, runs.METRICS), metrics)  # the loop cuts it back to its step
+    spec = load_spec(path / runs.CONFIG)
+    if (path / runs.RUN_RECORD).exists():
+        runs.update_record(path, workers=workers)  # a rerun on the same node
+    else:
+        now = time.time()
+        runs.write_record(
+            path,
+            runs.RunRecord(
+                name=name,
+                mode="pod",
+                state="staging",
+                preset=name,
+                created=now,
+                updated=now,
+                store=store,
+                checkpoints=f"{store}/runs/{name}/checkpoints",
+                data=spec.data.path,
+                workers=workers,
+                steps=spec.train.steps,
+                global_batch_tokens=spec.train.global_batch_tokens,
+            ),
+        )
+    return path
+
+
+def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: bool) -> str | None:
     """Run the TorchTrainer to the end; the error's first line when it failed after all restarts."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -95,6 +156,9 @@ def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool) -> str
             "run_dir": str(path),
             "checkpoints": record.checkpoints,
             "device": "cuda" if use_gpu else "cpu",
+            # On a pod: rank 0 may be on another node, so it logs through Ray (to SkyPilot's log), mirrors
+            # metrics.jsonl to the store and looks for STOP there.
+            "store": record.store if pod else None,
         },
         scaling_config=ScalingConfig(
             num_workers=record.workers,
@@ -124,15 +188,23 @@ def outcome(spec: RunSpec, record: runs.RunRecord) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m orchestrator.driver", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", help="the run directory lmctl rendered (config.yaml, run.json)")
+    ap.add_argument("run_dir", nargs="?", help="the run directory lmctl rendered (config.yaml, run.json)")
+    ap.add_argument("--pod", metavar="RUN", help="on a cloud head node: rebuild runs/RUN from --store")
+    ap.add_argument("--store", help="the run's store URI (with --pod)")
     ap.add_argument("--address", help="Ray cluster to join (default: start one on this machine)")
+    ap.add_argument("--workers", type=int, help="Ray Train workers (with --pod: nodes x GPUs per node)")
+    ap.add_argument("--nodes", type=int, default=1, help="nodes to wait for in the Ray cluster")
     args = ap.parse_args(argv)
-    path = Path(args.run_dir).resolve()
+    if bool(args.pod) == bool(args.run_dir) or (args.pod and not (args.store and args.workers)):
+        ap.error("give a run directory, or --pod RUN with --store and --workers")
+    path = pod_run_dir(args.pod, args.store, args.workers) if args.pod else Path(args.run_dir).resolve()
 
     stop_file = path / runs.STOP
 
     def ask_stop(signum, frame) -> None:
         stop_file.touch()
+        if args.pod:  # rank 0 may be on another node: it looks for STOP in the store
+            open_store(args.store).put_bytes(runs.store_key(args.pod, runs.STOP), b"")
         runs.update_record(path, state="stopping")
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts
 
@@ -152,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(1) as pool:  # staging (CPU) overlaps Ray's start (mostly waiting)
             staged = pool.submit(stage_data, spec, record, path)
             t0 = time.perf_counter()
-            start_ray(record.workers, args.address)
+            start_ray(record.workers, args.address, args.nodes)
             signal.signal(signal.SIGTERM, ask_stop)  # ray.init installs its own handlers
             signal.signal(signal.SIGINT, ask_stop)
             import ray
@@ -163,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"starting {record.workers} {'GPU' if use_gpu else 'CPU'} workers")
         if not stop_file.exists():
             runs.update_record(path, state="running")
-        message = fit(spec, record, path, use_gpu)
+        message = fit(spec, record, path, use_gpu, pod=bool(args.pod))
         if message is None:
             state, step = outcome(spec, record)
             code, message = 0, f"{state} at step {step}"
@@ -175,17 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         say(f"{state}: {message}")
         runs.update_record(path, state=state, exit_code=code, message=message)
-        _shutdown()
+        _shutdown(keep_cluster=bool(args.address))
     return code
 
 
-def _shutdown() -> None:
-    """Stop Ray and anything it left in this run's session (its agents outlive a killed driver)."""
+def _shutdown(keep_cluster: bool) -> None:
+    """Stop Ray and anything it left in this run's session (its agents outlive a killed driver); a cluster
+    we joined (cloud) is left to whoever started it."""
     if "ray" in sys.modules:
         import ray
 
         ray.shutdown()
-    if os.getsid(0) == os.getpid():  # we lead our own session (lmctl started us detached)
+    if not keep_cluster and os.getsid(0) == os.getpid():  # we lead our own session (started detached)
         runs.kill_session(os.getpid())
 
 

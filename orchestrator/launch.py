@@ -1,10 +1,13 @@
 """Launch, resume and stop runs. Each is one function a notebook could call; the CLI is a thin layer.
 
-launch: validate everything first (nothing is written for bad input), render runs/<name>/, then start the
-driver (orchestrator/driver.py) detached in its own session, logging to runs/<name>/logs/driver.log.
-resume: start the driver again on the same run directory; the workers continue from the newest
-committed checkpoint in the store, with the same data order.
-stop: ask the workers to checkpoint and stop (the STOP file), wait, then reap whatever is left.
+launch: validate everything first (nothing is written for bad input), render runs/<name>/, then
+  local: start the driver (orchestrator/driver.py) detached in its own session, logging to logs/driver.log;
+  cloud: stage the data into the store from here (GPUs never wait for tokenization), put config.yaml
+  beside the checkpoints, and submit task.yaml to SkyPilot (orchestrator/cloud.py) as a managed job.
+resume: start the driver (or the job) again; the workers continue from the newest committed checkpoint
+  in the store, with the same data order. A cloud run may move to other GPUs (same global batch).
+stop: ask the workers to checkpoint and stop (the STOP file; for a cloud run, STOP in the store), wait,
+  then reap whatever is left (cancel the job).
 """
 
 from __future__ import annotations
@@ -17,11 +20,37 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import ConfigError, RunSpec, resolve
+from model.config import ConfigError, RunSpec, load_spec, resolve
 from orchestrator import runs
 from orchestrator.render import render_config, render_task
 
-MODES = ("local",)
+MODES = ("local", "cloud")
+DISK_GB = 128  # per node: data cache, checkpoint staging, the venv; SkyPilot's default (256) is billed
+JOB_RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 2}  # managed jobs
+STOP_POLL_S = 5.0
+
+
+@dataclass
+class Hardware:
+    """What a cloud run rents: `--gpu`, `--nodes`, `--cloud`, `--spot` and friends."""
+
+    gpu: str
+    nodes: int = 1
+    cloud: str | None = None
+    spot: bool = False
+    managed: bool = True
+    disk_size: int = DISK_GB
+    image: str | None = None
+    price: float | None = None  # USD per GPU-hour; None: configs/pricing/prices.yaml
+    mfu: float = 0.40
+
+
+@dataclass
+class CloudPlan:
+    spec: RunSpec  # with the micro-batch the plan chose
+    workers: int
+    resources: dict
+    plan: object  # orchestrator.plan.Plan
 
 
 @dataclass
@@ -35,6 +64,44 @@ class Launched:
 def resolve_spec(preset: str, overrides: list[str], wandb: bool = False) -> RunSpec:
     """Preset + overrides (+ --wandb) -> one validated spec."""
     return resolve(preset, [*overrides, *(["wandb.enabled=true"] if wandb else [])])
+
+
+def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
+    """Everything a cloud run needs checked before money is spent: the GPU and cloud, a store the pods
+    reach, and a plan that fits (its micro-batch replaces the config's when that one would not fit)."""
+    from orchestrator.gpus import check_combination, parse_gpu, sky_resources
+    from orchestrator.plan import make_plan
+
+    req = parse_gpu(hw.gpu)
+    check_combination(req, hw.cloud, hw.nodes, hw.spot)
+    if not store.startswith("s3://"):
+        raise ConfigError(
+            f"--store {store!r}: a cloud run needs a bucket that this machine and the pods both reach: "
+            "--store s3://bucket/prefix (or $LMCTL_STORE)"
+        )
+    if not 10 <= hw.disk_size <= 65536:
+        raise ConfigError(f"--disk-size {hw.disk_size}: give GB per node between 10 and 65536")
+    plan = make_plan(
+        spec,
+        req,
+        hw.nodes,
+        cloud=hw.cloud,
+        spot=hw.spot,
+        mfu=hw.mfu,
+        price=hw.price,
+        tokens=spec.train.steps * spec.train.global_batch_tokens,
+    )
+    if not plan.fits:
+        raise ConfigError(f"the run does not fit: {plan.notes[-1] if plan.notes else 'see lmctl plan'}")
+    if plan.micro_batch != spec.train.micro_batch_size:
+        train = spec.train.model_copy(update={"micro_batch_size": plan.micro_batch})
+        spec = RunSpec.model_validate({**spec.model_dump(), "train": train.model_dump()})
+    resources = sky_resources(req, hw.cloud, hw.spot, hw.disk_size, hw.image, nodes=hw.nodes)
+    if hw.managed:
+        resources["job_recovery"] = dict(JOB_RECOVERY)
+    workers = hw.nodes * req.count
+    spec.grad_accum_steps(workers)
+    return CloudPlan(spec, workers, resources, plan)
 
 
 def _check_inputs(spec: RunSpec, workers: int, store: str) -> None:
@@ -72,22 +139,37 @@ def launch(
     overrides: list[str] | None = None,
     *,
     name: str | None = None,
-    mode: str = "local",
+    mode: str | None = None,
     workers: int = 2,
     store: str | None = None,
     wandb: bool = False,
     dry_run: bool = False,
     root: Path | None = None,
+    hardware: Hardware | None = None,
+    show_plan=None,
 ) -> Launched:
-    """Render runs/<name>/ and (unless dry_run) start its driver detached. Raises ConfigError, writing
-    nothing, for any bad input."""
+    """Render runs/<name>/ and (unless dry_run) start it: its driver detached (local) or its SkyPilot job
+    (cloud, when `hardware` is given). Raises ConfigError, writing nothing, for any bad input.
+    show_plan(plan) is called for a cloud run before anything is spent."""
+    mode = mode or ("cloud" if hardware else "local")
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
+    if (mode == "cloud") != (hardware is not None):
+        raise ConfigError(
+            "--gpu is for cloud runs (drop --mode local)"
+            if hardware
+            else "a cloud run needs --gpu, e.g. --gpu RTX5090 (lmctl plan shows what fits where)"
+        )
     spec = resolve_spec(preset, overrides or [], wandb)
     root = runs.runs_root(root)
     name = runs.check_name(name) if name is not None else runs.generate_name(preset)
     store = (store or runs.default_store(root)).rstrip("/")
+    cloud_plan = plan_cloud(spec, hardware, store) if hardware else None
+    if cloud_plan:
+        spec, workers = cloud_plan.spec, cloud_plan.workers
     _check_inputs(spec, workers, store)
+    if cloud_plan and show_plan:
+        show_plan(cloud_plan.plan)
     path = root / name
     exists = ConfigError(f"run {name!r} already exists in {root}: `lmctl resume {name}` continues it")
     if path.exists():
@@ -101,7 +183,8 @@ def launch(
         os.chmod(path, 0o700)  # run state stays the owner's
         (path / "logs").mkdir()
         (path / runs.CONFIG).write_text(render_config(spec))
-        (path / runs.TASK).write_text(render_task(name, store, workers))
+        resources, nodes = (cloud_plan.resources, hardware.nodes) if cloud_plan else (None, 1)
+        (path / runs.TASK).write_text(render_task(name, store, workers, resources, nodes))
         now = time.time()
         record = runs.RunRecord(
             name=name,
@@ -117,13 +200,63 @@ def launch(
             steps=spec.train.steps,
             global_batch_tokens=spec.train.global_batch_tokens,
         )
+        if cloud_plan:
+            _set_hardware(record, hardware, cloud_plan)
         runs.write_record(path, record)
+        if cloud_plan:
+            from orchestrator import cloud
+
+            cloud.load_task(path / runs.TASK)  # SkyPilot's own schema, offline: a bad task fails here
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # nothing half-written
         raise
     if not dry_run:
-        record = start_driver(path)
+        record = start_cloud(path) if cloud_plan else start_driver(path)
     return Launched(name, path, record, spec)
+
+
+def _set_hardware(record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPlan) -> None:
+    plan = cloud_plan.plan
+    record.gpu = plan_gpu_text(hw.gpu)
+    record.nodes, record.cloud, record.spot, record.managed = hw.nodes, hw.cloud, hw.spot, hw.managed
+    record.workers = cloud_plan.workers
+    price = plan.price_per_gpu_hour
+    record.price_per_hour = None if price is None else price * plan.world
+
+
+def plan_gpu_text(gpu: str) -> str:
+    from orchestrator.gpus import parse_gpu
+
+    return parse_gpu(gpu).text()
+
+
+def start_cloud(path: Path, progress: bool = True) -> runs.RunRecord:
+    """Stage the data here (once; GPUs never wait for it), put config.yaml in the store where the pods
+    read it, and submit the task to SkyPilot with the credentials attached as secrets."""
+    from model.store import open_store
+    from orchestrator import cloud
+    from orchestrator.driver import stage_data
+
+    record = runs.read_record(path)
+    spec = stage_data(load_spec(path / runs.CONFIG), record, path, progress=progress)
+    bucket = open_store(record.store)
+    bucket.put_file(path / runs.CONFIG, runs.store_key(record.name, runs.CONFIG))
+    if bucket.exists(runs.store_key(record.name, runs.STOP)):
+        bucket.delete(runs.store_key(record.name, runs.STOP))  # an earlier `lmctl stop` is answered
+    record = runs.update_record(
+        path,
+        state="starting",
+        launches=record.launches + 1,
+        exit_code=None,
+        message=None,
+        data=spec.data.path,
+    )
+    try:
+        submitted = cloud.submit(record, path / runs.TASK, cloud.secrets_from_env(record.store))
+    except cloud.CloudError as e:
+        runs.update_record(path, state="failed", message=str(e))
+        raise
+    return runs.update_record(path, job_id=submitted.job_id, cluster=submitted.cluster)
 
 
 def start_driver(path: Path) -> runs.RunRecord:
@@ -146,10 +279,15 @@ def start_driver(path: Path) -> runs.RunRecord:
     return runs.update_record(path, state="staging", driver=driver, session=proc.pid)
 
 
-def resume(name: str, root: Path | None = None) -> runs.RunRecord:
-    """Start a stopped, failed or dry-run run again; it continues from its newest committed checkpoint."""
+def resume(name: str, root: Path | None = None, hardware: Hardware | None = None) -> runs.RunRecord:
+    """Start a stopped, failed or dry-run run again; it continues from its newest committed checkpoint.
+    A cloud run may move to other `hardware`: the global batch, and so the data order, stay the same."""
     path = runs.find_run(runs.runs_root(root), name)
     record = runs.read_record(path)
+    if record.mode == "cloud":
+        from orchestrator import cloud
+
+        record = cloud.refresh(path)
     state = runs.effective_state(record)
     if state in runs.ACTIVE:
         raise ConfigError(
@@ -157,15 +295,36 @@ def resume(name: str, root: Path | None = None) -> runs.RunRecord:
         )
     if state == "finished":
         raise ConfigError(f"run {name!r} has finished all {record.steps} steps; there is nothing to resume")
-    if record.session:
-        runs.kill_session(record.session)  # leftovers of a crashed driver (Ray agents) must not pile up
-    return start_driver(path)
+    if record.mode != "cloud":
+        if hardware:
+            raise ConfigError(f"run {name!r} is a local run: --gpu and friends apply to cloud runs")
+        if record.session:
+            runs.kill_session(record.session)  # leftovers of a crashed driver (Ray agents) must not pile up
+        return start_driver(path)
+    if hardware:
+        _move(path, record, hardware)
+    return start_cloud(path)
+
+
+def _move(path: Path, record: runs.RunRecord, hw: Hardware) -> None:
+    """Re-plan and re-render a cloud run for other hardware; the config keeps its global batch."""
+    cloud_plan = plan_cloud(load_spec(path / runs.CONFIG), hw, record.store)
+    _set_hardware(record, hw, cloud_plan)
+    task = render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes)
+    for file, text in ((runs.CONFIG, render_config(cloud_plan.spec)), (runs.TASK, task)):
+        tmp = path / f".{file}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path / file)
+    fields = ("gpu", "nodes", "cloud", "spot", "managed", "workers", "price_per_hour")
+    runs.update_record(path, **{k: getattr(record, k) for k in fields})
 
 
 def stop(name: str, root: Path | None = None, timeout: float = 120.0) -> runs.RunRecord:
-    """Checkpoint and stop a running run, then make sure none of its processes is left."""
+    """Checkpoint and stop a running run, then make sure none of its processes (or its job) is left."""
     path = runs.find_run(runs.runs_root(root), name)
     record = runs.read_record(path)
+    if record.mode == "cloud":
+        return _stop_cloud(path, timeout)
     if runs.driver_alive(record):
         (path / runs.STOP).touch()
         runs.update_record(path, state="stopping")
@@ -180,4 +339,27 @@ def stop(name: str, root: Path | None = None, timeout: float = 120.0) -> runs.Ru
     record = runs.read_record(path)
     if record.state in runs.ACTIVE:  # the driver died without saying how it ended
         record = runs.update_record(path, state="stopped", message=record.message or "stopped by lmctl stop")
+    return record
+
+
+def _stop_cloud(path: Path, timeout: float) -> runs.RunRecord:
+    """STOP in the store: rank 0 sees it within LMCTL_STORE_POLL_S, the workers checkpoint and the job
+    ends by itself. Past the timeout (or when it cannot be reached) the job is cancelled."""
+    from model.store import open_store
+    from orchestrator import cloud
+
+    record = cloud.refresh(path)
+    if record.state not in runs.ACTIVE:
+        return record
+    open_store(record.store).put_bytes(runs.store_key(record.name, runs.STOP), b"stop\n")
+    runs.update_record(path, state="stopping")
+    deadline = time.monotonic() + timeout
+    while (record := cloud.refresh(path)).state in runs.ACTIVE and time.monotonic() < deadline:
+        time.sleep(STOP_POLL_S)
+    if record.state in runs.ACTIVE:
+        cloud.cancel(record)
+        message = f"not stopped after {timeout:.0f} s, cancelled; resume continues from its last checkpoint"
+        record = runs.update_record(path, state="stopped", message=message)
+    elif not record.managed and record.cluster:
+        cloud.cancel(record)  # the job ended; free the cluster's GPUs now rather than at autodown
     return record

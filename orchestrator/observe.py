@@ -145,6 +145,29 @@ def run_summary(path: Path) -> dict[str, Any]:
         "data": record.data,
         "launches": record.launches,
         "path": str(path),
+        **_cloud_facts(record),
+    }
+
+
+def _cloud_facts(record: runs.RunRecord) -> dict[str, Any]:
+    """What a cloud run rents and what it has cost so far (SkyPilot's job time x the plan's price)."""
+    if record.mode != "cloud":
+        return {}
+    cost = None
+    if record.price_per_hour is not None and record.job_seconds is not None:
+        cost = record.price_per_hour * record.job_seconds / 3600
+    return {
+        "gpu": record.gpu,
+        "nodes": record.nodes,
+        "cloud": record.cloud or "any",
+        "spot": record.spot,
+        "managed": record.managed,
+        "job_id": record.job_id,
+        "cluster": record.cluster,
+        "recoveries": record.recoveries,
+        "job_seconds": record.job_seconds,
+        "price_per_hour": record.price_per_hour,
+        "cost_so_far": cost,
     }
 
 
@@ -235,6 +258,16 @@ def status_detail(summary: dict[str, Any]):
         ("data", s["data"] or "-"),
         ("path", s["path"]),
     ]
+    if s["mode"] == "cloud":
+        cost = "-" if s["cost_so_far"] is None else f"${s['cost_so_far']:,.2f}"
+        rate = "-" if s["price_per_hour"] is None else f"${s['price_per_hour']:,.2f} per hour"
+        job = f"{s['job_id']} ({'managed' if s['managed'] else 'cluster ' + str(s['cluster'])})"
+        rows[3:3] = [
+            ("gpus", f"{s['gpu']} x {s['nodes']} node(s){' spot' if s['spot'] else ''} on {s['cloud']}"),
+            ("job", job),
+            ("recoveries", str(s["recoveries"] or 0)),
+            ("cost so far", f"{cost} ({human_duration(s['job_seconds'])} at {rate})"),
+        ]
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
@@ -334,20 +367,38 @@ def dashboard(path: Path):
         facts.add_column(no_wrap=True)
     facts.add_row(f"loss {_num(s['loss'])}", f"val loss {_num(s['val_loss'])}", f"lr {_num(s['lr'], '.2e')}")
     facts.add_row(f"tok/s {_rate(s)}", f"mfu {mfu}", f"eta {human_duration(s['eta_s'])}")
-    facts.add_row(f"last ckpt {_ckpt(s)}", f"tokens {human(s['tokens'] or 0)}",
-                  f"active {human_duration(s['age_s'])} ago")
+    facts.add_row(
+        f"last ckpt {_ckpt(s)}",
+        f"tokens {human(s['tokens'] or 0)}",
+        f"active {human_duration(s['age_s'])} ago",
+    )
 
     parts = [head, bar, facts]
+    if s["mode"] == "cloud":
+        cost = "-" if s["cost_so_far"] is None else f"${s['cost_so_far']:,.2f}"
+        rate = "" if s["price_per_hour"] is None else f" at ${s['price_per_hour']:,.2f}/h"
+        spot = " spot" if s["spot"] else ""
+        parts.append(
+            Text(
+                f"{s['gpu']} x {s['nodes']} node(s){spot} on {s['cloud']}  job {s['job_id']}  "
+                f"recoveries {s['recoveries'] or 0}  cost so far {cost}{rate}"
+            )
+        )
     if s["message"]:
         parts.append(Text(s["message"], style=STATE_STYLE.get(s["state"], "")))
-    tail = Text.from_ansi("\n".join(_log_tail(Path(path))) or "(no log yet)", no_wrap=True,
-                          overflow="ellipsis")
-    parts.append(Panel(tail, title="logs/driver.log", title_align="left", border_style="dim"))
+    tail = Text.from_ansi(
+        "\n".join(_log_tail(Path(path))) or "(no log yet)", no_wrap=True, overflow="ellipsis"
+    )
+    if s["mode"] != "cloud":  # a cloud run's log is SkyPilot's: lmctl logs <run>
+        parts.append(Panel(tail, title="logs/driver.log", title_align="left", border_style="dim"))
     return Panel(Group(*parts), title=f"lmctl attach {s['name']}", title_align="left")
 
 
-def attach(path: Path, refresh_s: float = 1.0, console=None) -> str:
+def attach(
+    path: Path, refresh_s: float = 1.0, console=None, refresh=None, refresh_every_s: float = 10.0
+) -> str:
     """Live dashboard until the run ends ('ended') or Ctrl-C ('detached'); the run is never touched.
+    refresh() (a cloud run: SkyPilot's state, the store's metrics) is called every refresh_every_s.
 
     On a terminal the frame redraws in place; elsewhere (a pipe, a file, pytest) rich's Live draws
     only the final frame when it stops, so the output stays one readable frame.
@@ -357,6 +408,9 @@ def attach(path: Path, refresh_s: float = 1.0, console=None) -> str:
 
     path = Path(path)
     console = console or Console()
+    refreshed = time.monotonic()
+    if refresh:
+        refresh()
     if not _still_writing(path):
         console.print(dashboard(path))
         return "ended"
@@ -365,6 +419,9 @@ def attach(path: Path, refresh_s: float = 1.0, console=None) -> str:
         try:
             while _still_writing(path):
                 time.sleep(refresh_s)
+                if refresh and time.monotonic() - refreshed >= refresh_every_s:
+                    refresh()
+                    refreshed = time.monotonic()
                 live.update(dashboard(path), refresh=True)
         except KeyboardInterrupt:
             result = "detached"
@@ -409,11 +466,20 @@ def plot(path: Path, out: Path | None = None, logx: bool = False) -> Path:
     fig = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.plot([r.get("tokens") or r["step"] * per_step for r in train], [r["loss"] for r in train],
-            label="train loss", linewidth=1.2)
+    ax.plot(
+        [r.get("tokens") or r["step"] * per_step for r in train],
+        [r["loss"] for r in train],
+        label="train loss",
+        linewidth=1.2,
+    )
     if evals:
-        ax.plot([r["step"] * per_step for r in evals], [r["val_loss"] for r in evals], "o-",
-                label="val loss", markersize=4)
+        ax.plot(
+            [r["step"] * per_step for r in evals],
+            [r["val_loss"] for r in evals],
+            "o-",
+            label="val loss",
+            markersize=4,
+        )
     if logx:
         ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human(x)))  # 250.0K, not 250000

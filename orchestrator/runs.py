@@ -36,12 +36,20 @@ LOG = "logs/driver.log"
 METRICS = "metrics.jsonl"
 STOP = "STOP"  # its presence asks the workers to checkpoint and stop at the next logging step
 
+
+def store_key(name: str, what: str) -> str:
+    """Key of a run's file in its store: runs/<name>/<what>, beside checkpoints/. A cloud run's pods read
+    config.yaml there and write metrics.jsonl there; a STOP there asks them to stop."""
+    return f"runs/{name}/{what}"
+
 # Letters, digits, '-', '_', '.'; starts with a letter or digit; at most 64 characters. Safe as a folder
 # name, an object-store prefix, a Ray run name and a SkyPilot job name.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-ACTIVE = ("staging", "running", "stopping")  # states that claim live processes
-# A record goes created -> staging -> running (-> stopping) -> finished, stopped or failed.
+# States that claim live processes (locally) or a live job (cloud). A local run goes created -> staging ->
+# running (-> stopping) -> finished, stopped or failed; a cloud run created -> starting -> running (->
+# recovering after a preemption -> running) (-> stopping) -> finished, stopped or failed.
+ACTIVE = ("staging", "starting", "running", "recovering", "stopping")
 
 
 def runs_root(override: str | Path | None = None) -> Path:
@@ -151,6 +159,17 @@ class RunRecord:
     launches: int = 0  # 1 for the launch, +1 per resume
     exit_code: int | None = None
     message: str | None = None  # why it failed or stopped, one line
+    # cloud runs (mode "cloud"): what was asked for and SkyPilot's handle on it
+    gpu: str | None = None  # e.g. "RTX5090,RTX4090:1" (gpus.GpuRequest.text)
+    nodes: int = 1
+    cloud: str | None = None  # None: any cloud that has the GPU
+    spot: bool = False
+    managed: bool = True  # a managed job (recovered after preemptions) or a plain cluster
+    job_id: int | None = None
+    cluster: str | None = None
+    price_per_hour: float | None = None  # USD for all the run's GPUs, from the plan
+    job_seconds: float | None = None  # how long SkyPilot's job has run, at the last refresh
+    recoveries: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -212,7 +231,8 @@ def driver_alive(record: RunRecord) -> bool:
 
 
 def effective_state(record: RunRecord) -> str:
-    """The record's state, corrected by the truth: an active run whose driver is gone has failed."""
-    if record.state in ACTIVE and not driver_alive(record):
+    """The record's state, corrected by the truth: an active local run whose driver is gone has failed. A
+    cloud run's state is SkyPilot's, as of its last refresh (cloud.refresh)."""
+    if record.mode != "cloud" and record.state in ACTIVE and not driver_alive(record):
         return "failed"
     return record.state

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runs import LOG, STOP
+from orchestrator.runs import LOG, METRICS, STOP, store_key
+
+METRICS_PUSH_S = 30.0  # a cloud run's metrics.jsonl reaches the store at most this stale (and at each eval)
 
 
 def say(msg: str) -> None:
@@ -32,26 +34,63 @@ def train_worker(cfg: dict[str, Any]) -> None:
         lambda r: not r.getMessage().startswith("Reporting training result")
     )
     path = Path(cfg["run_dir"])
+    (path / "logs").mkdir(parents=True, exist_ok=True)  # on a pod, rank 0 may be on another node
     rank = ray.train.get_context().get_world_rank()
-    _log_to(path / (LOG if rank == 0 else f"logs/worker-{rank}.log"))
+    on_pod = cfg.get("store") is not None
+    if not on_pod:  # locally the workers write the run's log; on a pod Ray forwards it to SkyPilot's log
+        _log_to(path / (LOG if rank == 0 else f"logs/worker-{rank}.log"))
     (path / "logs" / f"worker-{rank}.pid").write_text(str(os.getpid()))
     if rank == 0:
         say(f"{ray.train.get_context().get_world_size()} workers started")
     spec = RunSpec.model_validate(cfg["spec"])
+    mirror = StoreMirror(cfg["store"], path.name, path / METRICS) if on_pod and rank == 0 else None
     stop_file = path / STOP
 
+    def should_stop() -> bool:
+        return stop_file.exists() or (mirror is not None and mirror.stop_asked())
+
     def on_log(rec: dict) -> None:
+        if mirror:
+            mirror.push_metrics(now="val_loss" in rec)
         if "val_loss" in rec:  # report() is a barrier across workers: only at evaluations
             ray.train.report({k: v for k, v in rec.items() if v is not None})
 
-    train(
-        spec,
-        path,
-        device=cfg["device"],
-        should_stop=stop_file.exists,
-        on_log=on_log,
-        checkpoint_root=cfg["checkpoints"],
-    )
+    try:
+        train(
+            spec,
+            path,
+            device=cfg["device"],
+            should_stop=should_stop,
+            on_log=on_log,
+            checkpoint_root=cfg["checkpoints"],
+        )
+    finally:
+        if mirror:
+            mirror.push_metrics(now=True)
+
+
+class StoreMirror:
+    """Rank 0 of a cloud run: metrics.jsonl copied to the store (where `lmctl status` reads it), and the
+    store's STOP object polled (where `lmctl stop` writes it). Both throttled: they are network calls."""
+
+    def __init__(self, store: str, name: str, metrics: Path):
+        from model.store import open_store
+
+        self.store, self.name, self.metrics = open_store(store), name, metrics
+        self.every_s = float(os.environ.get("LMCTL_STORE_POLL_S", METRICS_PUSH_S))
+        self._pushed = self._polled = float("-inf")
+        self._stop = False
+
+    def push_metrics(self, now: bool = False) -> None:
+        if (now or time.monotonic() - self._pushed >= self.every_s) and self.metrics.exists():
+            self.store.put_file(self.metrics, store_key(self.name, METRICS))
+            self._pushed = time.monotonic()
+
+    def stop_asked(self) -> bool:
+        if not self._stop and time.monotonic() - self._polled >= self.every_s:
+            self._stop = self.store.exists(store_key(self.name, STOP))
+            self._polled = time.monotonic()
+        return self._stop
 
 
 def _log_to(path: Path) -> None:
