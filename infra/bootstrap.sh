@@ -27,7 +27,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-pip install -q -e ".[cloud,dev]" -c constraints.txt
+# Extras: cloud (SkyPilot) and dev (tests, lint) on a workstation; none on a pod (LMCTL_EXTRAS= , tasks/).
+EXTRAS=${LMCTL_EXTRAS-cloud,dev}
+pip install -q -e ".${EXTRAS:+[$EXTRAS]}" -c constraints.txt
 if [ "${1:-}" = "--refresh-constraints" ]; then
   { grep '^#' constraints.txt; pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$/torch==\1/'; } > constraints.txt.new
   mv constraints.txt.new constraints.txt
