@@ -199,26 +199,26 @@ def _run_path(args: argparse.Namespace) -> Path:
     return find_run(_root(args), args.run)
 
 
-def _hardware(args: argparse.Namespace, default_gpu: str | None = None):
-    """The cloud flags as a launch.Hardware, or None for a local run."""
+def _hardware(args: argparse.Namespace, record=None):
+    """The cloud flags as a launch.Hardware, or None for a local run. For `resume` of a cloud run
+    (`record`), every flag not given keeps the run's current value."""
     from orchestrator.launch import DISK_GB, Hardware
 
-    gpu = args.gpu or default_gpu
-    if not gpu:
-        given = [f for f in ("nodes", "cloud", "image", "price") if getattr(args, f, None) is not None]
-        if given or args.spot:
-            raise _config_error(
-                f"--{(given or ['spot'])[0]} is for cloud runs: add --gpu, e.g. --gpu RTX5090"
-            )
-        return None
+    if record is None:
+        given = [f for f in ("nodes", "cloud", "image", "price", "disk_size") if getattr(args, f) is not None]
+        if not args.gpu:
+            if given or args.spot or args.no_managed:
+                flag = (given or ["spot" if args.spot else "no_managed"])[0].replace("_", "-")
+                raise _config_error(f"--{flag} is for cloud runs: add --gpu, e.g. --gpu RTX5090")
+            return None
     return Hardware(
-        gpu=gpu,
-        nodes=args.nodes or 1,
-        cloud=args.cloud,
-        spot=args.spot,
-        managed=not args.no_managed,
-        disk_size=args.disk_size or DISK_GB,
-        image=args.image,
+        gpu=args.gpu or record.gpu,
+        nodes=args.nodes or (record.nodes if record else 1),
+        cloud=args.cloud or (record.cloud if record else None),
+        spot=args.spot or bool(record and record.spot),
+        managed=not args.no_managed and (record.managed if record else True),
+        disk_size=args.disk_size or (record.disk_size if record else None) or DISK_GB,
+        image=args.image or (record.image if record else None),
         price=args.price,
         mfu=args.mfu,
     )
@@ -283,8 +283,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if record.mode == "cloud":
             from orchestrator import cloud
 
-            cloud.tail_logs(record, follow=True)
-            return 0
+            return cloud.tail_logs(record, follow=True)
         return _follow(args, path)
     return 0
 
@@ -308,12 +307,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
-        return 0
-    from rich.console import Console
+    else:
+        from rich.console import Console
 
-    from orchestrator.plan import plan_renderable
+        from orchestrator.plan import plan_renderable
 
-    Console().print(plan_renderable(plan))
+        Console().print(plan_renderable(plan))
     return 0 if plan.fits else 1
 
 
@@ -349,8 +348,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     path = _run_path(args)
     hardware = None
-    if args.gpu or args.nodes or args.cloud or args.spot or args.no_managed:
-        hardware = _hardware(args, default_gpu=read_record(path).gpu or "?")
+    moved = [args.gpu, args.nodes, args.cloud, args.disk_size, args.image, args.spot, args.no_managed]
+    if any(v not in (None, False) for v in moved):
+        record = read_record(path)
+        if record.mode != "cloud":
+            raise _config_error(f"run {args.run!r} is a local run: --gpu and friends apply to cloud runs")
+        hardware = _hardware(args, record)
     record = resume(args.run, root=args.runs_dir, hardware=hardware)
     if record.mode == "cloud":
         print(
@@ -365,8 +368,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if record.mode == "cloud":
             from orchestrator import cloud
 
-            cloud.tail_logs(record, follow=True)
-            return 0
+            return cloud.tail_logs(record, follow=True)
         return _follow(args, path)
     print(f"  follow:  lmctl logs {record.name} -f    dashboard: lmctl attach {record.name}")
     return 0
@@ -428,8 +430,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     path = _run_path(args)
     record = runs.read_record(path)
     if record.mode == "cloud" and record.job_id is not None:
-        cloud.tail_logs(record, follow=args.follow)
-        return 0
+        return cloud.tail_logs(record, follow=args.follow)
     observe.print_log(path, follow=args.follow)
     return 0
 

@@ -25,6 +25,7 @@ SECRET_NAMES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
+JOB_FIELDS = ["job_id", "status", "job_duration", "recovery_count", "failure_reason"]
 AUTODOWN_IDLE_MINUTES = 10  # a --no-managed cluster tears itself down this long after its job ends
 
 # SkyPilot's job states (managed jobs and cluster jobs) -> a run's state.
@@ -54,7 +55,10 @@ def secrets_from_env(store: str) -> dict[str, str]:
     if store.startswith("s3://") and "AWS_ACCESS_KEY_ID" not in found:
         import boto3
 
-        creds = boto3.Session().get_credentials()
+        try:
+            creds = boto3.Session().get_credentials()
+        except Exception as e:  # noqa: BLE001 - an expired SSO token, a broken profile, ...
+            raise CloudError(f"cannot read AWS credentials for {store}: {_first_line(e)}") from None
         if creds is not None:
             frozen = creds.get_frozen_credentials()
             found["AWS_ACCESS_KEY_ID"], found["AWS_SECRET_ACCESS_KEY"] = frozen.access_key, frozen.secret_key
@@ -117,7 +121,7 @@ def job_info(record: runs.RunRecord) -> JobInfo | None:
 
     try:
         if record.managed:
-            jobs = sky.get(sky.jobs.queue(refresh=False, job_ids=[record.job_id]))
+            jobs, *_ = sky.get(sky.jobs.queue_v2(refresh=False, job_ids=[record.job_id], fields=JOB_FIELDS))
             job = next((j for j in jobs if _field(j, "job_id") == record.job_id), None)
             if job is None:
                 return None
@@ -130,6 +134,10 @@ def job_info(record: runs.RunRecord) -> JobInfo | None:
                 _field(job, "failure_reason"),
             )
         statuses = sky.get(sky.job_status(record.cluster, job_ids=[record.job_id]))
+    except sky.exceptions.ClusterDoesNotExist:
+        # --no-managed: the cluster tore itself down after its job (autodown), or `lmctl stop` took it
+        # down; refresh tells finished from stopped by the last committed checkpoint.
+        return JobInfo("finished", "CLUSTER_GONE")
     except Exception as e:  # noqa: BLE001
         raise CloudError(f"SkyPilot could not report on {record.name}: {_first_line(e)}") from None
     status = statuses.get(record.job_id)
@@ -138,15 +146,17 @@ def job_info(record: runs.RunRecord) -> JobInfo | None:
     return JobInfo(STATES.get(_name(status), "failed"), _name(status))
 
 
-def tail_logs(record: runs.RunRecord, follow: bool) -> None:
-    """Print the job's output (the driver's and every worker's) to stdout; with follow, until it ends."""
+def tail_logs(record: runs.RunRecord, follow: bool) -> int:
+    """Print the job's output (the driver's and every worker's) to stdout; with follow, until it ends.
+    Returns SkyPilot's exit code for it (0 when the job succeeded)."""
     import sky
 
     try:
         if record.managed:
-            sky.jobs.tail_logs(job_id=record.job_id, follow=follow)
+            code = sky.jobs.tail_logs(job_id=record.job_id, follow=follow)
         else:
-            sky.tail_logs(record.cluster, record.job_id, follow=follow)
+            code = sky.tail_logs(record.cluster, record.job_id, follow=follow)
+        return int(code or 0)
     except Exception as e:  # noqa: BLE001
         raise CloudError(f"SkyPilot could not read the logs of {record.name}: {_first_line(e)}") from None
 
@@ -160,6 +170,8 @@ def cancel(record: runs.RunRecord) -> None:
             sky.get(sky.jobs.cancel(job_ids=[record.job_id]))
         else:
             sky.get(sky.down(record.cluster))
+    except sky.exceptions.ClusterDoesNotExist:
+        pass  # already down (autodown): nothing left to free
     except Exception as e:  # noqa: BLE001
         raise CloudError(f"SkyPilot could not cancel {record.name}: {_first_line(e)}") from None
 

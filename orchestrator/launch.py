@@ -12,6 +12,7 @@ stop: ask the workers to checkpoint and stop (the STOP file; for a cloud run, ST
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -165,9 +166,12 @@ def launch(
     name = runs.check_name(name) if name is not None else runs.generate_name(preset)
     store = (store or runs.default_store(root)).rstrip("/")
     cloud_plan = plan_cloud(spec, hardware, store) if hardware else None
+    asked_micro = spec.train.micro_batch_size
     if cloud_plan:
         spec, workers = cloud_plan.spec, cloud_plan.workers
     _check_inputs(spec, workers, store)
+    if cloud_plan and not dry_run:
+        _check_reachable(store)
     if cloud_plan and show_plan:
         show_plan(cloud_plan.plan)
     path = root / name
@@ -202,6 +206,7 @@ def launch(
         )
         if cloud_plan:
             _set_hardware(record, hardware, cloud_plan)
+            record.micro_batch_size = asked_micro
         runs.write_record(path, record)
         if cloud_plan:
             from orchestrator import cloud
@@ -215,10 +220,21 @@ def launch(
     return Launched(name, path, record, spec)
 
 
+def _check_reachable(store: str) -> None:
+    """Before anything is written or rented: the bucket exists and these credentials may use it."""
+    from model.store import StoreError, open_store
+
+    try:
+        open_store(store).check()
+    except (StoreError, ValueError) as e:
+        raise ConfigError(f"--store {store!r}: {e}") from None
+
+
 def _set_hardware(record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPlan) -> None:
     plan = cloud_plan.plan
     record.gpu = plan_gpu_text(hw.gpu)
     record.nodes, record.cloud, record.spot, record.managed = hw.nodes, hw.cloud, hw.spot, hw.managed
+    record.disk_size, record.image = hw.disk_size, hw.image
     record.workers = cloud_plan.workers
     price = plan.price_per_gpu_hour
     record.price_per_hour = None if price is None else price * plan.world
@@ -233,16 +249,23 @@ def plan_gpu_text(gpu: str) -> str:
 def start_cloud(path: Path, progress: bool = True) -> runs.RunRecord:
     """Stage the data here (once; GPUs never wait for it), put config.yaml in the store where the pods
     read it, and submit the task to SkyPilot with the credentials attached as secrets."""
-    from model.store import open_store
+    from model.store import StoreError, open_store
     from orchestrator import cloud
     from orchestrator.driver import stage_data
+    from orchestrator.stage import StageError
 
     record = runs.read_record(path)
-    spec = stage_data(load_spec(path / runs.CONFIG), record, path, progress=progress)
-    bucket = open_store(record.store)
-    bucket.put_file(path / runs.CONFIG, runs.store_key(record.name, runs.CONFIG))
-    if bucket.exists(runs.store_key(record.name, runs.STOP)):
-        bucket.delete(runs.store_key(record.name, runs.STOP))  # an earlier `lmctl stop` is answered
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for results (--json)
+            spec = stage_data(load_spec(path / runs.CONFIG), record, path, progress=progress)
+        bucket = open_store(record.store)
+        bucket.put_file(path / runs.CONFIG, runs.store_key(record.name, runs.CONFIG))
+        if bucket.exists(runs.store_key(record.name, runs.STOP)):
+            bucket.delete(runs.store_key(record.name, runs.STOP))  # an earlier `lmctl stop` is answered
+    except (StoreError, StageError) as e:
+        message = f"could not stage {record.name}'s data into {record.store}: {e}"
+        runs.update_record(path, state="failed", message=message)
+        raise ConfigError(f"{message}; `lmctl resume {record.name}` retries") from None
     record = runs.update_record(
         path,
         state="starting",
@@ -284,10 +307,10 @@ def resume(name: str, root: Path | None = None, hardware: Hardware | None = None
     A cloud run may move to other `hardware`: the global batch, and so the data order, stay the same."""
     path = runs.find_run(runs.runs_root(root), name)
     record = runs.read_record(path)
-    if record.mode == "cloud":
+    if record.mode == "cloud" and record.state in runs.ACTIVE:
         from orchestrator import cloud
 
-        record = cloud.refresh(path)
+        record = cloud.refresh(path)  # is it still running?
     state = runs.effective_state(record)
     if state in runs.ACTIVE:
         raise ConfigError(
@@ -307,15 +330,20 @@ def resume(name: str, root: Path | None = None, hardware: Hardware | None = None
 
 
 def _move(path: Path, record: runs.RunRecord, hw: Hardware) -> None:
-    """Re-plan and re-render a cloud run for other hardware; the config keeps its global batch."""
-    cloud_plan = plan_cloud(load_spec(path / runs.CONFIG), hw, record.store)
+    """Re-plan and re-render a cloud run for other hardware; the config keeps its global batch. The plan
+    starts from the micro-batch first asked for, so a move back to bigger GPUs regains it."""
+    spec = load_spec(path / runs.CONFIG)
+    if record.micro_batch_size:
+        train = spec.train.model_copy(update={"micro_batch_size": record.micro_batch_size})
+        spec = RunSpec.model_validate({**spec.model_dump(), "train": train.model_dump()})
+    cloud_plan = plan_cloud(spec, hw, record.store)
     _set_hardware(record, hw, cloud_plan)
     task = render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes)
     for file, text in ((runs.CONFIG, render_config(cloud_plan.spec)), (runs.TASK, task)):
         tmp = path / f".{file}.tmp"
         tmp.write_text(text)
         os.replace(tmp, path / file)
-    fields = ("gpu", "nodes", "cloud", "spot", "managed", "workers", "price_per_hour")
+    fields = ("gpu", "nodes", "cloud", "spot", "managed", "disk_size", "image", "workers", "price_per_hour")
     runs.update_record(path, **{k: getattr(record, k) for k in fields})
 
 
@@ -343,12 +371,12 @@ def stop(name: str, root: Path | None = None, timeout: float = 120.0) -> runs.Ru
 
 
 def _stop_cloud(path: Path, timeout: float) -> runs.RunRecord:
-    """STOP in the store: rank 0 sees it within LMCTL_STORE_POLL_S, the workers checkpoint and the job
-    ends by itself. Past the timeout (or when it cannot be reached) the job is cancelled."""
+    """STOP in the store first (it needs no SkyPilot): rank 0 sees it within LMCTL_STORE_POLL_S, the
+    workers checkpoint and the job ends by itself. Past the timeout the job is cancelled."""
     from model.store import open_store
     from orchestrator import cloud
 
-    record = cloud.refresh(path)
+    record = runs.read_record(path)
     if record.state not in runs.ACTIVE:
         return record
     open_store(record.store).put_bytes(runs.store_key(record.name, runs.STOP), b"stop\n")

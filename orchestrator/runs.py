@@ -165,6 +165,9 @@ class RunRecord:
     cloud: str | None = None  # None: any cloud that has the GPU
     spot: bool = False
     managed: bool = True  # a managed job (recovered after preemptions) or a plain cluster
+    disk_size: int | None = None  # GB per node
+    image: str | None = None
+    micro_batch_size: int | None = None  # what the config asked for, before a plan lowered it to fit
     job_id: int | None = None
     cluster: str | None = None
     price_per_hour: float | None = None  # USD for all the run's GPUs, from the plan

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.config import load_spec
+from model.config import load_spec, resolve
 from orchestrator import runs
 from orchestrator.cli import main
 from orchestrator.gpus import parse_gpu
@@ -238,7 +238,12 @@ def test_rendered_task_loads_in_skypilot_with_the_asked_resources(case, tmp_path
     record = runs.read_record(path)
     assert record.mode == "cloud" and record.workers == hw.nodes * per_node
     assert record.gpu.endswith(f":{per_node}") and parse_gpu(record.gpu) == parse_gpu(hw.gpu)
-    assert (record.nodes, record.cloud, record.spot, record.managed) == (hw.nodes, hw.cloud, hw.spot, hw.managed)
+    assert (record.nodes, record.cloud, record.spot, record.managed) == (
+        hw.nodes,
+        hw.cloud,
+        hw.spot,
+        hw.managed,
+    )
     assert (record.job_id, record.cluster, record.launches) == (None, None, 0)
     assert record.checkpoints == f"{STORE}/runs/{case.id}/checkpoints"
     if case.price is None:
@@ -275,13 +280,7 @@ def test_a_run_that_does_not_fit_the_config_micro_batch_gets_the_plans(tmp_path)
     path = _dry_run(case, tmp_path).path
     spec = load_spec(path / runs.CONFIG)
     assert 1 <= spec.train.micro_batch_size < 64
-    assert spec.train.global_batch_tokens == load_spec_default("1b").train.global_batch_tokens
-
-
-def load_spec_default(preset: str):
-    from model.config import resolve
-
-    return resolve(preset)
+    assert spec.train.global_batch_tokens == resolve("1b").train.global_batch_tokens
 
 
 def test_endpoint_settings_are_rendered_but_credentials_never(tmp_path, monkeypatch, canaries):
@@ -368,7 +367,12 @@ def test_secrets_from_env_takes_only_what_is_set(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for k in (*SECRETS, "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+    for k in (
+        *SECRETS,
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
     monkeypatch.setenv("WANDB_API_KEY", "")  # empty: not a secret to send
@@ -466,7 +470,9 @@ def test_dry_run_needs_no_credentials_and_no_network(tmp_path, capsys, monkeypat
 
 
 def test_plan_json_has_the_numbers(capsys):
-    assert main(["plan", "--gpu", "H100:8", "--nodes", "2", "--cloud", "aws", "--config", "1b", "--json"]) == 0
+    assert (
+        main(["plan", "--gpu", "H100:8", "--nodes", "2", "--cloud", "aws", "--config", "1b", "--json"]) == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     for key in ("params", "memory", "micro_batch", "grad_accum", "tokens_per_s", "hours", "cost"):
         assert key in plan, key
@@ -478,10 +484,18 @@ def test_plan_json_has_the_numbers(capsys):
 
 
 def test_plan_exits_1_when_it_does_not_fit(capsys):
-    argv = ["plan", "--gpu", "RTX4090", "--config", "1b", "--override", "train.activation_checkpointing=false"]
+    argv = [
+        "plan",
+        "--gpu",
+        "RTX4090",
+        "--config",
+        "1b",
+        "--override",
+        "train.activation_checkpointing=false",
+    ]
     assert main(argv) == 1
     assert "does not fit" in capsys.readouterr().out
-    assert main([*argv, "--json"]) == 0  # the JSON says it: "fits": false
+    assert main([*argv, "--json"]) == 1  # the same exit code; the JSON says it too: "fits": false
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] is False and plan["micro_batch"] is None and plan["grad_accum"] is None
 
