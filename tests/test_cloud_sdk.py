@@ -544,3 +544,16 @@ def test_resume_on_other_gpus_keeps_the_image_disk_and_cluster_mode(capsys, buck
     (r,) = sky.Task.from_yaml(str(root / "kept" / runs.TASK)).resources
     assert (r.extract_docker_image(), r.disk_size) == (image.removeprefix("docker:"), 300)
     assert fake.count("launch") == 2 and runs.read_record(root / "kept").managed is False
+
+
+def test_a_move_back_to_one_gpu_regains_the_micro_batch_first_asked_for(capsys, bucket, root, fake):
+    from model.config import load_spec
+
+    start(capsys, bucket, root, "there-and-back", gpu="H100:8")  # 16 sequences over 8 GPUs: micro 2
+    assert load_spec(root / "there-and-back" / runs.CONFIG).train.micro_batch_size == 2
+    fake.script(ManagedJobStatus.CANCELLED)
+    code, out, err = lmctl(capsys, "resume", "there-and-back", "--gpu", "RTX4090", "--runs-dir", str(root))
+    assert code == 0, err
+    spec = load_spec(root / "there-and-back" / runs.CONFIG)
+    assert spec.train.micro_batch_size == 8 and spec.grad_accum_steps(1) == 2  # tiny asks for 8
+    assert runs.read_record(root / "there-and-back").workers == 1
