@@ -123,24 +123,7 @@ def pod_run_dir(name: str, store: str, workers: int) -> Path:
     if (path / runs.RUN_RECORD).exists():
         runs.update_record(path, workers=workers)  # a rerun on the same node
     else:
-        now = time.time()
-        runs.write_record(
-            path,
-            runs.RunRecord(
-                name=name,
-                mode="pod",
-                state="staging",
-                preset=name,
-                created=now,
-                updated=now,
-                store=store,
-                checkpoints=f"{store}/runs/{name}/checkpoints",
-                data=spec.data.path,
-                workers=workers,
-                steps=spec.train.steps,
-                global_batch_tokens=spec.train.global_batch_tokens,
-            ),
-        )
+        runs.write_record(path, runs.new_record(name, "pod", "staging", name, store, workers, spec))
     return path
 
 

@@ -189,21 +189,7 @@ def launch(
         (path / runs.CONFIG).write_text(render_config(spec))
         resources, nodes = (cloud_plan.resources, hardware.nodes) if cloud_plan else (None, 1)
         (path / runs.TASK).write_text(render_task(name, store, workers, resources, nodes))
-        now = time.time()
-        record = runs.RunRecord(
-            name=name,
-            mode=mode,
-            state="created",
-            preset=preset,
-            created=now,
-            updated=now,
-            store=store,
-            checkpoints=f"{store}/runs/{name}/checkpoints",
-            data=spec.data.path,
-            workers=workers,
-            steps=spec.train.steps,
-            global_batch_tokens=spec.train.global_batch_tokens,
-        )
+        record = runs.new_record(name, mode, "created", preset, store, workers, spec)
         if cloud_plan:
             _set_hardware(record, hardware, cloud_plan)
             record.micro_batch_size = asked_micro

@@ -42,6 +42,7 @@ def store_key(name: str, what: str) -> str:
     config.yaml there and write metrics.jsonl there; a STOP there asks them to stop."""
     return f"runs/{name}/{what}"
 
+
 # Letters, digits, '-', '_', '.'; starts with a letter or digit; at most 64 characters. Safe as a folder
 # name, an object-store prefix, a Ray run name and a SkyPilot job name.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -176,6 +177,27 @@ class RunRecord:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
+
+
+def new_record(
+    name: str, mode: str, state: str, preset: str, store: str, workers: int, spec: Any
+) -> RunRecord:
+    """The first record of a run of `spec` (a model.config.RunSpec), its checkpoints beside it in `store`."""
+    now = time.time()
+    return RunRecord(
+        name=name,
+        mode=mode,
+        state=state,
+        preset=preset,
+        created=now,
+        updated=now,
+        store=store,
+        checkpoints=f"{store}/runs/{name}/checkpoints",
+        data=spec.data.path,
+        workers=workers,
+        steps=spec.train.steps,
+        global_batch_tokens=spec.train.global_batch_tokens,
+    )
 
 
 def read_record(path: Path) -> RunRecord:
