@@ -420,6 +420,7 @@ def _gib(n: int) -> str:
 
 def plan_renderable(plan: Plan):
     """Rich tables: the summary, then memory per GPU for the four strategies."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -462,11 +463,16 @@ def plan_renderable(plan: Plan):
         title=f"memory per GPU in GiB at micro-batch {next(iter(plan.memory.values())).micro_batch} "
         f"(fits: <= {plan.usable_fraction:.0%} of {plan.gpu_memory_gb} GB)",
         title_justify="left",
+        box=box.SIMPLE_HEAD,  # fits an 80-column terminal
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
     )
-    for col in ("strategy", "weights", "grads", "optimizer", "activations", "logits", "overhead", "total"):
-        mem.add_column(col, justify="left" if col == "strategy" else "right")
-    mem.add_column("fits")
-    mem.add_column("max micro", justify="right")
+    mem.add_column("strategy", no_wrap=True)
+    for col in ("weights", "grads", "optim", "activ", "logits", "other", "total"):
+        mem.add_column(col, justify="right", min_width=len(col))
+    mem.add_column("fits", min_width=4)
+    mem.add_column("max mb", justify="right", min_width=6)
     for name, r in plan.memory.items():
         mark = Text("✓", style="green") if r.fits else Text("✗", style="red")
         label = f"{name} *" if name == plan.strategy else name
@@ -477,6 +483,8 @@ def plan_renderable(plan: Plan):
             mark,
             str(r.max_micro_batch or "-"),
         )
-    parts = [summary, mem, Text("* the config's strategy", style="dim")]
+    legend = "* the config's strategy; optim: AdamW state; activ: activations; other: CUDA context etc.; "
+    legend += "max mb: the largest micro-batch that fits"
+    parts = [summary, mem, Text(legend, style="dim")]
     parts += [Text(f"note: {n}", style="yellow") for n in plan.notes]
     return Group(*parts)
