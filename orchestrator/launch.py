@@ -13,6 +13,7 @@ stop: ask the workers to checkpoint and stop (the STOP file; for a cloud run, ST
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import subprocess
@@ -97,12 +98,24 @@ def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
     if plan.micro_batch != spec.train.micro_batch_size:
         train = spec.train.model_copy(update={"micro_batch_size": plan.micro_batch})
         spec = RunSpec.model_validate({**spec.model_dump(), "train": train.model_dump()})
+    spec = _stage_what_it_trains_on(spec)
     resources = sky_resources(req, hw.cloud, hw.spot, hw.disk_size, hw.image, nodes=hw.nodes)
     if hw.managed:
         resources["job_recovery"] = dict(JOB_RECOVERY)
     workers = hw.nodes * req.count
     spec.grad_accum_steps(workers)
     return CloudPlan(spec, workers, resources, plan)
+
+
+def _stage_what_it_trains_on(spec: RunSpec) -> RunSpec:
+    """A hub dataset is staged up to the tokens the run trains on (plus the held-out share), not whole:
+    fineweb-edu has over a trillion tokens. data.max_tokens set by hand wins."""
+    d = spec.data
+    if d.path or d.max_tokens or _looks_local(d.dataset):
+        return spec
+    needed = math.ceil(spec.train.steps * spec.train.global_batch_tokens / (1 - d.val_fraction))
+    data = d.model_copy(update={"max_tokens": needed})
+    return RunSpec.model_validate({**spec.model_dump(), "data": data.model_dump()})
 
 
 def _check_inputs(spec: RunSpec, workers: int, store: str) -> None:

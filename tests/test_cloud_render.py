@@ -504,3 +504,28 @@ def test_plan_refuses_bad_input_in_one_line(capsys):
     assert main(["plan", "--gpu", "RTX5090", "--cloud", "lambda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not offered on lambda" in err and err.count("\n") == 1
+
+
+def test_a_hub_dataset_is_staged_up_to_what_the_run_trains_on(tmp_path, monkeypatch):
+    """fineweb-edu is over a trillion tokens: a cloud launch stages what 1b's steps consume, not all of it."""
+    monkeypatch.setenv("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
+    from model.config import load_spec
+
+    def staged_tokens(name: str, *overrides: str) -> int | None:
+        launch(
+            "1b",
+            list(overrides),
+            name=name,
+            store="s3://bucket/p",
+            root=tmp_path,
+            dry_run=True,
+            hardware=Hardware("RTX5090"),
+        )
+        return load_spec(tmp_path / name / "config.yaml").data.max_tokens
+
+    # 25000 steps x 1,048,576 tokens = 26.2B to train on, over 95% of what is staged (5% is held out)
+    assert staged_tokens("hub", "data.dataset=HuggingFaceFW/fineweb-edu") == 27_594_105_264
+    assert (
+        staged_tokens("capped", "data.dataset=HuggingFaceFW/fineweb-edu", "data.max_tokens=1000000") == 10**6
+    )
+    assert staged_tokens("local") is None  # a local file is staged whole (the shipped corpus)
