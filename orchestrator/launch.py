@@ -50,6 +50,7 @@ class Hardware:
 @dataclass
 class CloudPlan:
     spec: RunSpec  # with the micro-batch the plan chose
+    gpu: str  # the canonical --gpu (gpus.GpuRequest.text)
     workers: int
     resources: dict
     plan: object  # orchestrator.plan.Plan
@@ -104,7 +105,7 @@ def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
         resources["job_recovery"] = dict(JOB_RECOVERY)
     workers = hw.nodes * req.count
     spec.grad_accum_steps(workers)
-    return CloudPlan(spec, workers, resources, plan)
+    return CloudPlan(spec, req.text(), workers, resources, plan)
 
 
 def _stage_what_it_trains_on(spec: RunSpec) -> RunSpec:
@@ -231,18 +232,12 @@ def _check_reachable(store: str) -> None:
 
 def _set_hardware(record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPlan) -> None:
     plan = cloud_plan.plan
-    record.gpu = plan_gpu_text(hw.gpu)
+    record.gpu = cloud_plan.gpu
     record.nodes, record.cloud, record.spot, record.managed = hw.nodes, hw.cloud, hw.spot, hw.managed
     record.disk_size, record.image = hw.disk_size, hw.image
     record.workers = cloud_plan.workers
     price = plan.price_per_gpu_hour
     record.price_per_hour = None if price is None else price * plan.world
-
-
-def plan_gpu_text(gpu: str) -> str:
-    from orchestrator.gpus import parse_gpu
-
-    return parse_gpu(gpu).text()
 
 
 def start_cloud(path: Path, progress: bool = True) -> runs.RunRecord:
