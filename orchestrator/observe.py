@@ -149,6 +149,15 @@ def run_summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _gpus_text(s: dict[str, Any]) -> str:
+    return f"{s['gpu']} x {s['nodes']} node(s){' spot' if s['spot'] else ''} on {s['cloud']}"
+
+
+def _cost_text(s: dict[str, Any]) -> str:
+    cost = "-" if s["cost_so_far"] is None else f"${s['cost_so_far']:,.2f}"
+    return cost if s["price_per_hour"] is None else f"{cost} at ${s['price_per_hour']:,.2f}/h"
+
+
 def _cloud_facts(record: runs.RunRecord) -> dict[str, Any]:
     """What a cloud run rents and what it has cost so far (SkyPilot's job time x the plan's price)."""
     if record.mode != "cloud":
@@ -259,14 +268,12 @@ def status_detail(summary: dict[str, Any]):
         ("path", s["path"]),
     ]
     if s["mode"] == "cloud":
-        cost = "-" if s["cost_so_far"] is None else f"${s['cost_so_far']:,.2f}"
-        rate = "-" if s["price_per_hour"] is None else f"${s['price_per_hour']:,.2f} per hour"
         job = f"{s['job_id']} ({'managed' if s['managed'] else 'cluster ' + str(s['cluster'])})"
         rows[3:3] = [
-            ("gpus", f"{s['gpu']} x {s['nodes']} node(s){' spot' if s['spot'] else ''} on {s['cloud']}"),
+            ("gpus", _gpus_text(s)),
             ("job", job),
             ("recoveries", str(s["recoveries"] or 0)),
-            ("cost so far", f"{cost} ({human_duration(s['job_seconds'])} at {rate})"),
+            ("cost so far", f"{_cost_text(s)} over {human_duration(s['job_seconds'])}"),
         ]
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
@@ -375,21 +382,18 @@ def dashboard(path: Path):
 
     parts = [head, bar, facts]
     if s["mode"] == "cloud":
-        cost = "-" if s["cost_so_far"] is None else f"${s['cost_so_far']:,.2f}"
-        rate = "" if s["price_per_hour"] is None else f" at ${s['price_per_hour']:,.2f}/h"
-        spot = " spot" if s["spot"] else ""
         parts.append(
             Text(
-                f"{s['gpu']} x {s['nodes']} node(s){spot} on {s['cloud']}  job {s['job_id']}  "
-                f"recoveries {s['recoveries'] or 0}  cost so far {cost}{rate}"
+                f"{_gpus_text(s)}  job {s['job_id']}  recoveries {s['recoveries'] or 0}  "
+                f"cost so far {_cost_text(s)}"
             )
         )
     if s["message"]:
         parts.append(Text(s["message"], style=STATE_STYLE.get(s["state"], "")))
-    tail = Text.from_ansi(
-        "\n".join(_log_tail(Path(path))) or "(no log yet)", no_wrap=True, overflow="ellipsis"
-    )
     if s["mode"] != "cloud":  # a cloud run's log is SkyPilot's: lmctl logs <run>
+        tail = Text.from_ansi(
+            "\n".join(_log_tail(Path(path))) or "(no log yet)", no_wrap=True, overflow="ellipsis"
+        )
         parts.append(Panel(tail, title="logs/driver.log", title_align="left", border_style="dim"))
     return Panel(Group(*parts), title=f"lmctl attach {s['name']}", title_align="left")
 
