@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from model.checkpoint import Checkpointer, rng_state, set_rng_state
+from model.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resolve
 from model.data import BatchLoader, eval_batches
 from model.decoder import Decoder
@@ -268,7 +268,7 @@ def train(
             tokens = step * t.global_batch_tokens
             ckpt.save(step, state, {**meta_base, "step": step, "tokens": tokens})
 
-    stop_requested = False
+    stop_requested = unlogged_save = False
     last_loss = last_val = None
     step = start_step
     tick, tick_step = time.perf_counter(), start_step
@@ -311,6 +311,9 @@ def train(
                     "mfu": tok_s * fpt / (peak * d.world_size) if peak else None,
                 }
                 last_loss = loss_val
+                if unlogged_save:  # the log never runs more than one checkpoint interval ahead of
+                    ckpt.wait()  # the newest commit, so a crash redoes at most one interval of logged steps
+                    unlogged_save = False
                 metrics.log(rec)
                 if on_log:
                     on_log(rec)
@@ -327,6 +330,7 @@ def train(
             stop_requested = asked and step < t.steps
             if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
                 save(step)
+                unlogged_save = True
             tick += time.perf_counter() - paused
             if stop_requested:
                 break
@@ -414,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             spec, run_dir, device=args.device, stop_at=args.stop_at, should_stop=lambda: stop["flag"]
         )
-    except (ConfigError, StoreError) as e:
+    except (ConfigError, StoreError, CheckpointError, OSError) as e:  # a full disk says so, in one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -211,15 +211,19 @@ def _hub_source(spec: DataConfig) -> Source:
 
 def resolve_source(spec: DataConfig) -> Source:
     """A local file or folder when one exists at `dataset`, else a hub id; anything else is an error."""
-    path = Path(spec.dataset).expanduser()
+    try:
+        path = Path(spec.dataset).expanduser()
+    except RuntimeError:  # '~name' of no such user: no such path
+        path = Path(spec.dataset)
     if path.exists():
         return _local_source(spec, path.resolve())
     looks_like_path = (
         spec.dataset.startswith(("/", ".", "~")) or _format_of(path) or spec.dataset.count("/") > 1
     )
     if looks_like_path or not HUB_ID.fullmatch(spec.dataset):
+        shown = spec.dataset if spec.dataset.isprintable() else repr(spec.dataset)  # one line, always
         raise StageError(
-            f"dataset path {spec.dataset} does not exist: give a file or folder of "
+            f"dataset path {shown} does not exist: give a file or folder of "
             f"{', '.join(LOCAL_FORMATS)} files, or a hub id such as HuggingFaceFW/fineweb-edu"
         )
     return _hub_source(spec)
@@ -521,13 +525,11 @@ def stage(
     recipe = tokenizer_recipe(given, vocab_size or 0, sample_chars)
     digest = content_hash(spec, source, recipe)
     prefix = f"datasets/{digest}"
-    if (manifest := committed(store, prefix)) is not None:
-        try:
-            documents = json.loads(store.get_bytes(f"{prefix}/{STAGE_INFO}")).get("documents")
-        except Exception:
-            documents = None
-        return StageResult(store.url(prefix), digest, manifest, True, documents, time.perf_counter() - t0)
-    store.delete(f"{prefix}/{MANIFEST}")  # a manifest whose objects are not all in place commits nothing
+    if (reused := _reuse(store, prefix, digest, t0)) is not None:
+        return reused
+    # No delete of a manifest whose objects are not all in place: another machine staging the same hash
+    # may commit between our check and such a delete. The bytes are deterministic, so our upload rewrites
+    # the same manifest, and until then nobody trusts it (committed() checks every object).
 
     ds = open_dataset(source, spec.text_field)
     batches = lambda: text_batches(ds, spec.text_field, source.dataset, batch_chars)  # noqa: E731
@@ -537,7 +539,12 @@ def stage(
                 f"dataset {source.dataset} has no text: every {spec.text_field!r} is empty or missing"
             )
     work = Path(work_dir) if work_dir else default_work_dir(digest)
-    with locked_work_dir(work), contextlib.closing(StageProgress(progress)) as bar:
+    def waiting() -> None:
+        print(f"waiting for another staging of {source.dataset} on this machine", file=sys.stderr, flush=True)
+
+    with locked_work_dir(work, on_wait=waiting), contextlib.closing(StageProgress(progress)) as bar:
+        if (reused := _reuse(store, prefix, digest, t0)) is not None:
+            return reused  # the staging we waited for committed it
         uploaded: list[str] = []
         tok = given or _stored_tokenizer(store, prefix, work)
         if tok is None:
@@ -592,10 +599,22 @@ def stage(
     )
 
 
+def _reuse(store: Store, prefix: str, digest: str, t0: float) -> StageResult | None:
+    """The result for a dataset already committed under `prefix`, else None."""
+    if (manifest := committed(store, prefix)) is None:
+        return None
+    try:
+        documents = json.loads(store.get_bytes(f"{prefix}/{STAGE_INFO}")).get("documents")
+    except Exception:
+        documents = None
+    return StageResult(store.url(prefix), digest, manifest, True, documents, time.perf_counter() - t0)
+
+
 @contextlib.contextmanager
-def locked_work_dir(work: Path) -> Iterator[Path]:
+def locked_work_dir(work: Path, on_wait: Callable[[], None] | None = None) -> Iterator[Path]:
     """An empty work dir, removed afterwards, held under an exclusive lock so two stagings of one hash
-    on a machine cannot clear each other's files; the OS drops the lock when a process dies."""
+    on a machine cannot clear each other's files: the second waits for the first (on_wait() tells the
+    user), then usually finds the dataset committed. The OS drops the lock when a process dies."""
     import fcntl
 
     work.parent.mkdir(parents=True, exist_ok=True)
@@ -603,9 +622,9 @@ def locked_work_dir(work: Path) -> Iterator[Path]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StageError(
-                f"another staging of this dataset is running on this machine ({lock.name})"
-            ) from None
+            if on_wait:
+                on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
         shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run: rebuilt from the stream
         work.mkdir()
         try:

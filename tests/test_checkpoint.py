@@ -300,15 +300,40 @@ def test_async_error_is_raised_by_wait(tmp_path, monkeypatch):
 
 
 def test_fault_spec_parsing(monkeypatch):
-    assert faults._parse("checkpoint.after_file:2, stage.upload, train.step:3:TERM") == {
-        "checkpoint.after_file": (2, signal.SIGKILL),
-        "stage.upload": (1, signal.SIGKILL),
-        "train.step": (3, signal.SIGTERM),
+    assert faults._parse("checkpoint.after_file:2, stage.upload, train.step:3:TERM, x:1:SESSION") == {
+        "checkpoint.after_file": (2, "KILL"),
+        "stage.upload": (1, "KILL"),
+        "train.step": (3, "TERM"),
+        "x": (1, "SESSION"),
     }
+    with pytest.raises(KeyError):
+        faults._parse("train.step:1:KIL")  # a typo is caught when read, not ignored
     monkeypatch.delenv(faults.ENV, raising=False)
     faults.reset()
     faults.fault_point("checkpoint.after_file")  # unset: a no-op that counts nothing
     assert not faults._hits
+
+
+def test_session_fault_kills_every_process_of_the_session(tmp_path):
+    """`:SESSION` is a power cut: the process at the fault point and every other one in its session die."""
+    script = (
+        "import subprocess, sys, time\n"
+        "from model.faults import fault_point\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "open(sys.argv[1], 'w').write(str(child.pid))\n"
+        "fault_point('x')\n"
+        "time.sleep(600)\n"
+    )
+    pid_file = tmp_path / "child.pid"
+    env = {**os.environ, faults.ENV: "x:1:SESSION", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(pid_file)], env=env, cwd=REPO, start_new_session=True
+    )
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    child = int(pid_file.read_text())
+    assert os.getsid(0) != proc.pid  # the test itself is in another session and still alive
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1][0] == "Z"  # killed (maybe not yet reaped)
 
 
 CRASH_SCRIPT = """

@@ -1,7 +1,8 @@
 """Local mode end to end: `lmctl launch --mode local` on a real Ray cluster with 2 CPU workers.
 
 Each run goes through the CLI in a subprocess, exactly as a user types it. Crashes are real SIGKILLs of the
-run's processes; "the same as an uninterrupted run" means the per-step losses are equal bit for bit.
+run's processes (tests/chaos.py); "the same as an uninterrupted run" means the per-step losses are equal
+bit for bit.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import chaos
 import pytest
+from chaos import SHORT, lmctl, losses, run_path, status, wait_for_step
 from test_train import unigram_cross_entropy
 
 from model.metrics import read_metrics
@@ -24,84 +26,35 @@ from orchestrator import runs
 
 pytestmark = pytest.mark.slow
 
-# 80 steps, a loss logged every step, checkpoints every 20: short, yet long enough to kill in the middle.
-SHORT = [
-    "--override",
-    "train.steps=80",
-    "--override",
-    "train.log_every=1",
-    "--override",
-    "train.eval_every=40",
-]
-SHORT += ["--override", "train.checkpoint_every=20"]
-
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Environment of the module's runs: their own runs folder, store and cache; wandb offline."""
-    base = tmp_path_factory.mktemp("lab")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCTL_", "WANDB_"))}
-    env.update(LMCTL_RUNS_DIR=str(base / "runs"), LMCTL_CACHE=str(base / "cache"), WANDB_MODE="offline")
+    env = chaos.lab_env(tmp_path_factory.mktemp("lab"))
     yield env
-    for path in runs.list_runs(base / "runs"):  # a failed test must not leave its detached run training
+    for path in runs.list_runs(Path(env["LMCTL_RUNS_DIR"])):  # a failed test must not leave a run training
         session = runs.read_record(path).session
         if session:
             runs.kill_session(session)
 
 
-def lmctl(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def run_path(env: dict[str, str], name: str) -> Path:
-    return Path(env["LMCTL_RUNS_DIR"]) / name
-
-
-def status(env: dict[str, str], name: str) -> dict:
-    out = lmctl(env, "status", name, "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def losses(env: dict[str, str], name: str) -> list[tuple[int, float]]:
-    return [
-        (r["step"], r["loss"]) for r in read_metrics(run_path(env, name) / "metrics.jsonl") if "loss" in r
-    ]
-
-
-def wait_for_step(env: dict[str, str], name: str, step: int, timeout: float = 180) -> None:
-    """Until the run has logged `step` (polls its metrics file; fails on timeout or if the run ends first)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = losses(env, name)
-        if done and done[-1][0] >= step:
-            return
-        if (run_path(env, name) / runs.RUN_RECORD).exists():  # a --foreground launch may still be rendering
-            record = runs.read_record(run_path(env, name))
-            ended = f"run ended before step {step}: {record.message}"
-            assert runs.effective_state(record) in ("created", *runs.ACTIVE), ended
-        time.sleep(0.1)
-    raise AssertionError(f"run {name} did not reach step {step} in {timeout} s")
-
-
 def assert_nothing_left(env: dict[str, str], name: str) -> None:
-    record = runs.read_record(run_path(env, name))
-    assert record.session and runs.session_pids(record.session) == []
+    assert chaos.nothing_left(env, name)
 
 
 @pytest.fixture(scope="module")
 def reference(lab) -> list[tuple[int, float]]:
-    """An uninterrupted 80-step run in the foreground: the losses every other run must reproduce."""
-    out = lmctl(
-        lab, "launch", "--mode", "local", "--config", "tiny", "--name", "reference", "--foreground", *SHORT
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr
+    """An uninterrupted 80-step run in the foreground: the losses every other run must reproduce. Its
+    twin is launched at the same instant, into the same runs folder and the same cold store (both stage
+    the same dataset at once); test_two_runs_at_once_do_not_interfere checks on it."""
+    store = ["--store", f"file://{Path(lab['LMCTL_RUNS_DIR']).parent / 'pair-store'}"]
+    args = ["launch", "--mode", "local", "--config", "tiny", *SHORT, *store]
+    cmd = [sys.executable, "-m", "orchestrator.cli", *args, "--name", "reference", "--foreground"]
+    fg = subprocess.Popen(cmd, env=lab, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    twin = lmctl(lab, *args, "--name", "twin")
+    out, _ = fg.communicate(timeout=600)
+    assert twin.returncode == 0, twin.stderr
+    assert fg.returncode == 0, out[-3000:]
     ref = losses(lab, "reference")
     assert [s for s, _ in ref] == list(range(1, 81))
     return ref
@@ -149,40 +102,44 @@ def test_smoke_run_stages_trains_evaluates_checkpoints_and_learns(lab, tmp_path)
     assert again.returncode == 2 and "nothing to resume" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_sigkill_of_the_whole_run_then_resume_matches_an_uninterrupted_run(lab, reference):
-    kill_at = random.Random(4).randrange(25, 70)
-    assert lmctl(lab, "launch", "--config", "tiny", "--name", "killed", *SHORT).returncode == 0
-    wait_for_step(lab, "killed", kill_at)
-    record = runs.read_record(run_path(lab, "killed"))
-    assert runs.kill_session(record.session, signal.SIGKILL)  # driver, Ray and workers at once
-    killed_after = losses(lab, "killed")[-1][0]
-    s = status(lab, "killed")
-    assert s["state"] == "failed"  # the record still says running; status tells the truth
-
-    out = lmctl(lab, "resume", "killed")
-    assert out.returncode == 0, out.stderr
-    done = lmctl(lab, "logs", "killed", "-f", timeout=240)
-    assert "resumed from checkpoint at step" in done.stdout
-    resumed_at = int(done.stdout.split("resumed from checkpoint at step ")[1].split()[0])
-    assert resumed_at % 20 == 0 and killed_after - 40 < resumed_at <= killed_after  # one interval, or two
-    # when the kill landed while the newest checkpoint was being written
-    s = status(lab, "killed")
-    assert (s["state"], s["step"], s["launches"]) == ("finished", 80, 2)
-    assert losses(lab, "killed") == reference  # bit for bit
-    assert_nothing_left(lab, "killed")
+def test_two_runs_at_once_do_not_interfere(lab, reference):
+    """The reference's twin shared its runs folder and cold store and started at the same instant: one of
+    the two staged the dataset while the other waited for it, and the twin's losses are the reference's."""
+    done = lmctl(lab, "logs", "twin", "-f", timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    s = status(lab, "twin")
+    assert (s["state"], s["step"], s["launches"]) == ("finished", 80, 1)
+    assert losses(lab, "twin") == reference
+    logs = [chaos.log_text(lab, name) for name in ("reference", "twin")]
+    assert sorted("] staged " in log for log in logs) == [False, True]  # one staged, the other reused it
+    assert s["data"] == status(lab, "reference")["data"]  # one staged copy
+    store = Path(s["data"].removeprefix("file://")).parent
+    assert [p.name for p in store.iterdir()] == [Path(s["data"]).name]
+    ckpts = {name: status(lab, name)["checkpoints"] for name in ("reference", "twin")}
+    assert ckpts["twin"] != ckpts["reference"] and all(
+        c.endswith(f"runs/{n}/checkpoints") for n, c in ckpts.items()
+    )
+    assert_nothing_left(lab, "twin")
 
 
-def test_a_killed_worker_is_restarted_by_ray_and_the_run_finishes(lab, reference):
-    assert lmctl(lab, "launch", "--config", "tiny", "--name", "worker-crash", *SHORT).returncode == 0
-    wait_for_step(lab, "worker-crash", 30)
-    pid = int((run_path(lab, "worker-crash") / "logs" / "worker-1.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
-    done = lmctl(lab, "logs", "worker-crash", "-f", timeout=240)
-    assert "resumed from checkpoint at step" in done.stdout
-    s = status(lab, "worker-crash")
-    assert (s["state"], s["step"], s["launches"]) == ("finished", 80, 1)  # nobody typed anything
-    assert losses(lab, "worker-crash") == reference
-    assert_nothing_left(lab, "worker-crash")
+def test_kills_at_random_instants_lose_nothing(lab, reference, tmp_path):
+    """One run killed five ways at seeded instants (tests/chaos.py): inside staging, inside a checkpoint
+    write, the whole session mid-training, the driver alone, one Ray worker. After each it resumes (the
+    worker: Ray restarts it) from a committed checkpoint, redoing at most one checkpoint interval, and
+    its per-step losses equal the uninterrupted run's bit for bit."""
+    plan = chaos.plan_kills(random.Random(6), ["staging", "checkpoint", "session", "driver", "worker"])
+    run = chaos.chaos_run(lab, "chaos", plan, reference, extra=["--store", f"file://{tmp_path / 'cold'}"])
+    report = json.dumps(run.to_dict(), indent=1)
+    assert run.finished and run.identical and not run.leftovers and run.torn_loaded == 0, report
+    assert run.launches == 5, report  # the launch and four resumes; the worker kill needed none
+    for kill in run.kills:
+        assert kill.redone <= chaos.CHECKPOINT_EVERY, report
+        if kill.kind != "worker":
+            assert kill.status_after == "failed", report  # the record said running: status tells the truth
+            assert kill.resumed_at == max(kill.committed, default=0), report  # the newest committed one
+    staging, in_write = run.kills[0], run.kills[1]
+    assert staging.committed == [] and staging.resumed_at == 0 and staging.last_logged == 0, report
+    assert in_write.half_written and max(in_write.half_written) > in_write.resumed_at, report  # torn, unused
 
 
 def test_stop_checkpoints_and_leaves_nothing_running(lab):

@@ -8,6 +8,8 @@ import random
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -385,19 +387,28 @@ def test_library_callers_get_a_value_error(tmp_path):
     assert isinstance(e.value, StageError) and not (tmp_path / "store").exists()
 
 
-def test_one_staging_per_hash_per_machine(tmp_path, data, tok_path):
-    """A second staging of the same hash on this machine is refused while the first holds the work dir."""
+def test_one_staging_per_hash_per_machine(tmp_path, data, tok_path, capfd):
+    """A second staging of the same hash on this machine waits for the first, then reuses its commit."""
     import fcntl
 
     work = tmp_path / "work"
+    store = str(tmp_path / "store")
     spec = DataConfig(dataset=str(data), tokenizer=str(tok_path), shard_tokens=SHARD)
+    second: dict = {}
     with open(tmp_path / "work.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(StageError, match="another staging of this dataset is running"):
-            stage(spec, str(tmp_path / "store"), work_dir=work)
-    assert no_manifest(tmp_path / "store")
-    assert not stage(spec, str(tmp_path / "store"), work_dir=work).reused  # released: it proceeds
-    assert not work.exists()  # and cleans up after itself
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "the first staging" holds the lock
+        waiter = threading.Thread(target=lambda: second.update(r=stage(spec, store, work_dir=work)))
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while "waiting for another staging" not in capfd.readouterr().err:
+            assert waiter.is_alive() and time.monotonic() < deadline, "the second staging did not wait"
+            time.sleep(0.05)
+        assert no_manifest(tmp_path / "store")
+        first = stage(spec, store, work_dir=tmp_path / "work-first")  # the first one commits meanwhile
+        assert not first.reused
+    waiter.join(timeout=60)
+    assert second["r"].reused and second["r"].dataset_uri == first.dataset_uri  # one staged copy
+    assert not work.exists()  # and it cleans up after itself
 
 
 def test_cli_summary(tmp_path, capsys, data, tok_path):
@@ -408,3 +419,16 @@ def test_cli_summary(tmp_path, capsys, data, tok_path):
     assert "staged" in out and f"data.path=file://{tmp_path / 's'}/datasets/" in out
     assert main(args) == 0
     assert "reused: already staged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("machines", [1, 2])
+def test_two_stagings_of_one_dataset_at_once_make_one_correct_copy(tmp_path, machines):
+    """`lmctl stage` twice at the same instant into one store, from one machine (the second waits for the
+    first and reuses its commit) or two (both upload the same bytes): one staged copy, every byte right."""
+    import chaos
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCTL_")}
+    got = chaos.stage_twice_at_once(env, f"file://{tmp_path / 'store'}", machines, tmp_path)
+    assert got["exit_codes"] == [0, 0] and got["one_copy"] and got["verified"], got
+    if machines == 1:
+        assert sorted(got["reused"]) == [False, True], got  # one staged it, the other reused it
