@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -65,24 +66,43 @@ class _CrcWriter:
 
     def __init__(self, f: BinaryIO):
         self.f, self.crc, self.size = f, 0, 0
+        self.error: OSError | None = None  # torch.save turns a failed write into an opaque RuntimeError
 
     def write(self, b) -> int:
         self.crc = zlib.crc32(b, self.crc)
         self.size += memoryview(b).nbytes
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
 
 
 def _write_stream(path: Path, fill: Callable[[BinaryIO], Any]) -> dict[str, int]:
-    """Write a new file through fill(f), fsync it, check its size on disk; return {"size", "crc32"}."""
+    """Write a new file through fill(f), fsync it, check its size on disk; return {"size", "crc32"}.
+
+    A write that fails (a full disk, a file size limit, an I/O error) removes the partial file and raises
+    CheckpointError naming the file and the errno, whatever torch.save made of the error on its way out.
+    """
     path.unlink(missing_ok=True)  # a new inode: a loaded checkpoint may still be mmap-ed from the old one
-    with open(path, "wb") as f:
-        w = _CrcWriter(f)
-        fill(w)
-        f.flush()
-        os.fsync(f.fileno())
+    w = None
+    try:
+        with open(path, "wb") as f:
+            w = _CrcWriter(f)
+            fill(w)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # a partial file must not keep a full disk full
+        cause = w.error if w is not None and w.error is not None else e
+        if isinstance(cause, OSError):
+            name = errno.errorcode.get(cause.errno or 0, str(cause.errno))
+            raise CheckpointError(f"cannot write {path}: {cause.strerror or cause} ({name})") from e
+        raise
     size = path.stat().st_size
     if size != w.size:
         raise CheckpointError(f"{path}: wrote {w.size} bytes but {size} are on disk")
@@ -163,6 +183,16 @@ class _Folder:
         with contextlib.suppress(OSError):  # missing, or a stray subdirectory: the next prune tries again
             (self.root / d).rmdir()
 
+    def abandon(self, d: str) -> None:
+        """After a failed save: drop the step's files now (a full disk gets its space back), unless its
+        COMMIT made it (then the step is whole, and only something after the rename failed)."""
+        if COMMIT in self.names(d):
+            return
+        with contextlib.suppress(OSError):
+            for name in self.names(d):
+                self.delete(d, name)
+            self.remove(d)
+
 
 class _StoreFolder:
     """Checkpoints in an object store under a URI: keys `<step dir>/<name>`.
@@ -193,7 +223,10 @@ class _StoreFolder:
         self.cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache, prefix="upload-") as tmp:
             path = Path(tmp) / name
-            stat = _write_stream(path, fill)
+            try:
+                stat = _write_stream(path, fill)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}: the local copy of {self.store.url(f'{d}/{name}')}") from e
             self.store.put_file(path, f"{d}/{name}")
         return stat
 
@@ -228,6 +261,11 @@ class _StoreFolder:
 
     def remove(self, d: str) -> None:
         shutil.rmtree(self.cache / d, ignore_errors=True)  # mmap-ed tensors survive the unlink
+
+    def abandon(self, d: str) -> None:
+        """After a failed save: nothing now. The local temp files are gone already, and deleting the
+        uploaded ones means more requests to a store that just failed (each retried for a minute);
+        the step has no COMMIT, so it is ignored, and the next save's prune deletes it."""
 
 
 # ---------------------------------------------------------------- snapshot and serialisation
@@ -399,14 +437,21 @@ class Checkpointer:
         self._delete_step(step)  # leftovers of a crashed attempt at this step, or an older commit of it
         io.begin(d)
         files = {}
-        for i, (key, value) in enumerate(state.items()):
-            files[f"{key}.pt"] = io.write(d, f"{key}.pt", lambda f, v=value: _torch_save(v, f))
-            if i == 0:
-                fault_point("checkpoint.after_file")
-        files[META] = io.write(d, META, lambda f: f.write(meta_bytes))
-        io.commit(d, json.dumps({"step": step, "files": files}, indent=1).encode())
+        try:
+            for i, (key, value) in enumerate(state.items()):
+                files[f"{key}.pt"] = io.write(d, f"{key}.pt", lambda f, v=value: _torch_save(v, f))
+                if i == 0:
+                    fault_point("checkpoint.after_file")
+            files[META] = io.write(d, META, lambda f: f.write(meta_bytes))
+            io.commit(d, json.dumps({"step": step, "files": files}, indent=1).encode())
+        except BaseException:
+            io.abandon(d)
+            raise
         log.debug("step %d committed (%.1f MB)", step, sum(f["size"] for f in files.values()) / 1e6)
-        self._prune(step)
+        try:
+            self._prune(step)
+        except (OSError, StoreError) as e:  # housekeeping: the step is committed, the next save prunes again
+            log.warning("checkpoint step %d committed, but removing older steps failed: %s", step, e)
         if self.on_commit:
             self.on_commit(step)
 

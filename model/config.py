@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.errors import ConfigError
 
@@ -21,7 +21,7 @@ DEFAULT_CORPUS = CONFIGS_DIR / "data" / "shakespeare.jsonl"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -99,6 +99,13 @@ class DataConfig(_Strict):
     max_tokens: int | None = Field(None, gt=0)
     path: str | None = Field(None, description="staged dataset (folder or URI with manifest.json)")
 
+    @field_validator("dataset", "subset", "split", "revision", "text_field", "tokenizer")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
 
 class WandbConfig(_Strict):
     enabled: bool = False
@@ -155,19 +162,38 @@ def preset_names() -> list[str]:
 def load_preset(name_or_path: str) -> dict[str, Any]:
     """Raw dict of a preset: a name from configs/ or a path to a YAML file."""
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+    if not (path.suffix in (".yaml", ".yml") and _is_file(path)):
         path = CONFIGS_DIR / f"{name_or_path}.yaml"
-        if not path.is_file() or "/" in name_or_path or "\\" in name_or_path:
+        if not _is_file(path) or "/" in name_or_path or "\\" in name_or_path:
             raise ConfigError(
                 f"unknown preset {name_or_path!r}: use one of {', '.join(preset_names())} or a .yaml path"
             )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read preset {path}: {e}") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a tag PyYAML cannot build: '!!int x'
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(RunSpec.model_fields)}")
     return raw
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name longer than the filesystem allows
+        return False
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong, and where."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
 
 
 def all_keys(model: type[BaseModel] = RunSpec, prefix: str = "") -> list[str]:
@@ -195,10 +221,14 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"unknown override key {key!r}{hint}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else value
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError):  # ValueError: '!!int x'
         parsed = value
     if isinstance(parsed, (dict, list)):
         parsed = value  # a scalar field never takes a structure; let validation name the type
+    section, _, name = key.partition(".")
+    text_field = RunSpec.model_fields[section].annotation.model_fields[name].annotation in (str, str | None)
+    if text_field and parsed is not None and not isinstance(parsed, str):
+        parsed = value.strip()  # data.revision=2024: YAML reads a number, the field wants text
     return key, parsed
 
 
@@ -216,7 +246,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(str(p) if str(p).isprintable() else repr(str(p)) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             section = e["loc"][0] if len(e["loc"]) > 1 else None
@@ -245,8 +275,12 @@ def load_spec(path: str | Path) -> RunSpec:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read config {path}: not valid YAML ({_yaml_problem(e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ConfigError(f"cannot read config {path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping")
     return validate(raw)

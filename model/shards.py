@@ -14,6 +14,7 @@ numpy and pydantic, so the control plane can stage data without torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -68,7 +69,7 @@ def atomic_write(path: str | Path, chunks: Iterable[bytes]) -> str:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; datasets are meant to be shared
+            os.fchmod(f.fileno(), shared_mode())  # mkstemp makes 0600
             for chunk in chunks:
                 f.write(chunk)
                 digest.update(chunk)
@@ -80,6 +81,24 @@ def atomic_write(path: str | Path, chunks: Iterable[bytes]) -> str:
         raise
     fsync_dir(path.parent)
     return digest.hexdigest()
+
+
+def shared_mode() -> int:
+    """0o644 less what this process's umask withholds. Datasets hold no credentials and are readable by
+    others where the umask allows it; lmctl's run processes (the CLI's run verbs, the driver, the workers)
+    set umask 0o077, so the checkpoints and run state they write through here are the owner's alone."""
+    return 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it, else set and restored."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)  # the only other way to read it: for an instant, the strictest
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:
@@ -201,7 +220,8 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            raise ValueError(f"invalid manifest: {e}") from None
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise ValueError(f"invalid manifest: {problems}") from None  # one line: it ends up in a CLI error
 
 
 def write_manifest(data_dir: str | Path, manifest: Manifest) -> None:

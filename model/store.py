@@ -18,6 +18,7 @@ never logged or written by this module.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from model.shards import atomic_write, file_sha256, fsync_dir
+from model.shards import atomic_write, file_sha256, fsync_dir, shared_mode
 
 URI_FORMS = (
     "s3://bucket/prefix (AWS S3, or R2/MinIO/B2/RunPod with --endpoint-url or AWS_ENDPOINT_URL_S3), "
@@ -37,6 +38,9 @@ URI_FORMS = (
 SHA_META = "sha256"  # user metadata key: x-amz-meta-sha256
 MAX_ATTEMPTS = 8  # botocore standard mode: 5xx, throttling, resets and timeouts, with backoff
 CHECK_ATTEMPTS = 2  # check() fails fast on a dead endpoint instead of backing off for a minute
+VERIFY_ATTEMPTS = 2  # an upload the store reports back with another size or sha256 (torn) is sent again
+# S3's answers to a body that did not arrive whole: 4xx, so botocore does not retry them; uploads send again
+_TORN_CODES = {"BadDigest", "InvalidDigest", "IncompleteBody", "EntityTooSmall", "XAmzContentSHA256Mismatch"}
 CONNECT_TIMEOUT = 3
 READ_TIMEOUT = 60
 MB = 1 << 20
@@ -58,10 +62,10 @@ def check_key(key: str, what: str = "key") -> str:
     """Keys and prefixes are relative '/'-separated names: no '..' can climb out of the store's root."""
     if not isinstance(key, str) or not key:
         raise StoreError(f"empty {what}: use a '/'-separated relative name such as 'datasets/abc/x.bin'")
-    if "\0" in key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+    if not key.isprintable() or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
         raise StoreError(
             f"invalid {what} {key!r}: use a '/'-separated relative name with no leading '/', "
-            "no empty, '.' or '..' segments, and no NUL"
+            "no empty, '.' or '..' segments, and no NUL or other control characters"
         )
     return key
 
@@ -88,9 +92,14 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
         if path != "/":
             check_key(path[1:], f"path in {uri!r}")
         return FileStore(Path(path))
+    if re.match(r"(s3|file):(?!//)", uri, re.IGNORECASE):  # a mistyped URI, not a folder named 's3:'
+        raise StoreError(f"invalid store URI {uri!r}: did you mean s3://... or file:///...? Use {URI_FORMS}")
     if "://" in uri:
         raise StoreError(f"unsupported store URI {uri!r}: use {URI_FORMS}")
-    return FileStore(Path(uri).expanduser().resolve())
+    try:
+        return FileStore(Path(uri).expanduser().resolve())
+    except RuntimeError as e:  # '~name' of no such user, a symlink loop
+        raise StoreError(f"invalid store path {uri!r}: {e}; use {URI_FORMS}") from None
 
 
 class Store:
@@ -165,18 +174,29 @@ def _land(tmp: Path, dest: Path, size: int | None, sha256: str | None, source: s
         fsync_dir(dest.parent)
 
 
+def _os_error(e: OSError) -> str:
+    """'No space left on device (ENOSPC)': what a full disk, a quota or a file size limit says."""
+    return f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, e.errno)})"
+
+
 @contextlib.contextmanager
-def _tmp_next_to(dest: Path) -> Iterator[Path]:
-    """A fresh tmp path in dest's folder (same filesystem: the final rename is atomic); removed on error."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(name, 0o644)  # mkstemp makes 0600; caches and stores are meant to be shared
-    tmp = Path(name)
+def _tmp_next_to(dest: Path, source: str) -> Iterator[Path]:
+    """A fresh tmp path in dest's folder (same filesystem: the final rename is atomic); removed on error.
+
+    A local OSError on the way (a full disk, a quota, a file size limit: s3transfer and shutil raise it
+    without a file name) becomes a StoreError naming `dest` and the `source` being copied."""
     try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        os.close(fd)
+        os.chmod(name, shared_mode())  # mkstemp makes 0600; run processes' umask keeps checkpoints private
+        tmp = Path(name)
+        try:
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot write {dest} (copy of {source}): {_os_error(e)}") from None
 
 
 def _is_tmp(name: str) -> bool:
@@ -221,7 +241,7 @@ class FileStore(Store):
     @staticmethod
     def _copy(src: Path, dest: Path, sha256: str | None, source: str) -> None:
         size = _local_size(src)
-        with _tmp_next_to(dest) as tmp:
+        with _tmp_next_to(dest, source) as tmp:
             shutil.copyfile(src, tmp)
             _land(tmp, dest, size, sha256, source)
 
@@ -252,9 +272,12 @@ class FileStore(Store):
 
     def check(self) -> None:
         """The root must be a writable directory, or creatable: the nearest existing ancestor writable."""
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store root {self.root} exists but is not a directory")
-        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        try:
+            if self.root.exists() and not self.root.is_dir():
+                raise StoreError(f"store root {self.root} exists but is not a directory")
+            existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        except OSError as e:  # a name longer than the filesystem allows
+            raise StoreError(f"store root {self.root} cannot be used: {e}") from None
         if not os.access(existing, os.W_OK | os.X_OK):
             raise StoreError(f"store root {self.root} is not writable ({existing} denies write access)")
 
@@ -269,6 +292,15 @@ def default_transfer_config() -> Any:
     return TransferConfig(
         multipart_threshold=32 * MB, multipart_chunksize=16 * MB, max_concurrency=8, use_threads=True
     )
+
+
+def _arrived_torn(e: BaseException) -> bool:
+    """Whether S3 rejected an upload because its body did not arrive whole (boto3 wraps the ClientError of
+    a failed upload_file in S3UploadFailedError)."""
+    from botocore.exceptions import ClientError
+
+    cause = e if isinstance(e, ClientError) else e.__context__
+    return isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in _TORN_CODES
 
 
 class S3Store(Store):
@@ -340,8 +372,14 @@ class S3Store(Store):
         head = self._head(key)
         return None if head is None else head.get("Metadata", {}).get(SHA_META)
 
+    def _stored(self, key: str) -> tuple[int, str | None] | None:
+        """(size, sha256 metadata) of an object as the store reports it; None when it does not exist."""
+        head = self._head(key)
+        return None if head is None else (head["ContentLength"], head.get("Metadata", {}).get(SHA_META))
+
     def put_file(self, local: Path, key: str, sha256: str | None = None) -> None:
-        """Upload (multipart and concurrent above the threshold), then HEAD to check size and sha256.
+        """Upload (multipart and concurrent above the threshold), then HEAD to check size and sha256;
+        an upload that lands torn is sent again (VERIFY_ATTEMPTS in all), then it is an error.
 
         The local file is hashed first, so a file that changed since the caller hashed it is caught
         here instead of being recorded under a wrong checksum.
@@ -354,21 +392,26 @@ class S3Store(Store):
                 f"local file {local} has sha256 {actual[:12]}..., expected {sha256[:12]}...: it changed "
                 "after it was hashed; nothing was uploaded"
             )
-        with self._errors("upload to", key):
-            self.client.upload_file(
-                str(local),
-                self.bucket,
-                self._key(key),
-                ExtraArgs={"Metadata": {SHA_META: actual}},
-                Config=self._config(),
-            )
-        head = self._head(key)
-        got = None if head is None else (head["ContentLength"], head.get("Metadata", {}).get(SHA_META))
-        if got != (size, actual):
-            raise StoreError(
-                f"upload of {local} to {self.url(key)} did not verify: the store reports (size, sha256) "
-                f"{got}, expected {(size, actual)}"
-            )
+        for attempt in range(1, VERIFY_ATTEMPTS + 1):
+            with self._errors("upload to", key):
+                try:
+                    self.client.upload_file(
+                        str(local),
+                        self.bucket,
+                        self._key(key),
+                        ExtraArgs={"Metadata": {SHA_META: actual}},
+                        Config=self._config(),
+                    )
+                except Exception as e:
+                    if attempt < VERIFY_ATTEMPTS and _arrived_torn(e):
+                        continue
+                    raise
+            if (got := self._stored(key)) == (size, actual):
+                return
+        raise StoreError(
+            f"upload of {local} to {self.url(key)} did not verify ({VERIFY_ATTEMPTS} attempts): the store "
+            f"reports (size, sha256) {got}, expected {(size, actual)}"
+        )
 
     def get_file(self, key: str, local: Path, sha256: str | None = None) -> None:
         """Download to a tmp file next to `local`; verify size and sha256 (given, else metadata); rename."""
@@ -377,22 +420,33 @@ class S3Store(Store):
         if head is None:
             self._raise_missing(key)
         expected = sha256 or head.get("Metadata", {}).get(SHA_META)
-        with _tmp_next_to(local) as tmp:
+        with _tmp_next_to(local, self.url(key)) as tmp:
             with self._errors("download of", key):
                 self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self._config())
             _land(tmp, local, head["ContentLength"], expected, self.url(key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        """One PUT: S3 makes it visible all at once, so small markers are atomic."""
+        """One PUT: S3 makes it visible all at once, so small markers are atomic. Then a HEAD checks that
+        it landed whole (size and sha256), as put_file does: a torn COMMIT must not pass for a written one."""
         import hashlib
 
-        with self._errors("PUT of", key):
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=data,
-                Metadata={SHA_META: hashlib.sha256(data).hexdigest()},
-            )
+        digest = hashlib.sha256(data).hexdigest()
+        for attempt in range(1, VERIFY_ATTEMPTS + 1):
+            with self._errors("PUT of", key):
+                try:
+                    self.client.put_object(
+                        Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={SHA_META: digest}
+                    )
+                except Exception as e:
+                    if attempt < VERIFY_ATTEMPTS and _arrived_torn(e):
+                        continue
+                    raise
+            if (got := self._stored(key)) == (len(data), digest):
+                return
+        raise StoreError(
+            f"PUT of {self.url(key)} did not verify ({VERIFY_ATTEMPTS} attempts): the store reports "
+            f"(size, sha256) {got}, expected {(len(data), digest)}"
+        )
 
     def get_bytes(self, key: str) -> bytes:
         """Through the transfer manager, which retries a body cut mid-stream (a plain GET would not)."""
@@ -465,7 +519,7 @@ class S3Store(Store):
             raise StoreError(f"no usable S3 credentials for {self.uri}: {_CREDENTIALS_FIX}") from None
         except (EndpointConnectionError, ConnectTimeoutError):
             raise StoreError(
-                f"cannot reach the S3 endpoint {self.endpoint} for {self.uri}: check the endpoint "
+                f"cannot reach the S3 endpoint {self.endpoint} ({action} {what}): check the endpoint "
                 "(--endpoint-url, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) and the network"
             ) from None
         except (BotoCoreError, RetriesExceededError) as e:

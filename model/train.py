@@ -335,8 +335,10 @@ def train(
             if stop_requested:
                 break
     finally:
-        ckpt.close()
-        metrics.close()
+        try:
+            ckpt.close()  # re-raises a failed async save: the run must not end as if it were saved
+        finally:
+            metrics.close()
     return TrainResult(step=step, loss=last_loss, val_loss=last_val, stopped=stop_requested)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -112,7 +114,7 @@ def _count(text: str) -> int:
         if t and t[-1] in units:
             return int(float(t[:-1]) * units[t[-1]])
         return int(float(t)) if ("e" in t or "." in t) else int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 1e400, inf
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 1000000, 1e9, 500M)") from None
 
 
@@ -136,10 +138,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise ConfigError(f"{flag} {err['input']!r}: {msg}") from None
     from orchestrator.runs import default_store, runs_root
 
+    if not (math.isfinite(args.tokenizer_sample_mb) and args.tokenizer_sample_mb * 1e6 >= 1):
+        raise ConfigError(f"--tokenizer-sample-mb {args.tokenizer_sample_mb}: give a positive number of MB")
     try:
         result = stage(
             spec,
-            args.store or default_store(runs_root()),
+            args.store if args.store is not None else default_store(runs_root()),  # '' is no store
             vocab_size=args.vocab_size,
             endpoint_url=args.endpoint_url,
             sample_chars=int(args.tokenizer_sample_mb * 1e6),
@@ -206,18 +210,22 @@ def _hardware(args: argparse.Namespace, record=None):
 
     if record is None:
         given = [f for f in ("nodes", "cloud", "image", "price", "disk_size") if getattr(args, f) is not None]
-        if not args.gpu:
+        if args.gpu is None:  # `--gpu ""` is a bad --gpu, not a local run
             if given or args.spot or args.no_managed:
                 flag = (given or ["spot" if args.spot else "no_managed"])[0].replace("_", "-")
                 raise _config_error(f"--{flag} is for cloud runs: add --gpu, e.g. --gpu RTX5090")
             return None
+
+    def kept(flag: str, current):  # a flag given (even as 0 or '') is validated, never silently replaced
+        return current if getattr(args, flag) is None else getattr(args, flag)
+
     return Hardware(
-        gpu=args.gpu or record.gpu,
-        nodes=args.nodes or (record.nodes if record else 1),
-        cloud=args.cloud or (record.cloud if record else None),
+        gpu=kept("gpu", record.gpu if record else None),
+        nodes=kept("nodes", record.nodes if record else 1),
+        cloud=kept("cloud", record.cloud if record else None),
         spot=args.spot or bool(record and record.spot),
         managed=not args.no_managed and (record.managed if record else True),
-        disk_size=args.disk_size or (record.disk_size if record else None) or DISK_GB,
+        disk_size=kept("disk_size", (record.disk_size if record else None) or DISK_GB),
         image=args.image or (record.image if record else None),
         price=args.price,
         mfu=args.mfu,
@@ -241,7 +249,7 @@ def _print_plan(plan) -> None:
 def cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.launch import launch, resolve_spec
 
-    overrides = [*args.override, *([f"data.dataset={args.dataset}"] if args.dataset else [])]
+    overrides = [*args.override, *([f"data.dataset={args.dataset}"] if args.dataset is not None else [])]
     if args.print_config:
         from orchestrator.render import render_config
 
@@ -297,7 +305,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = make_plan(
         spec,
         parse_gpu(args.gpu),
-        args.nodes or 1,
+        1 if args.nodes is None else args.nodes,
         cloud=args.cloud,
         spot=args.spot,
         mfu=args.mfu,
@@ -349,7 +357,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     path = _run_path(args)
     hardware = None
     moved = [args.gpu, args.nodes, args.cloud, args.disk_size, args.image, args.spot, args.no_managed]
-    if any(v not in (None, False) for v in moved):
+    if any(v is not None and v is not False for v in moved):  # --nodes 0 is asked for, and refused
         record = read_record(path)
         if record.mode != "cloud":
             raise _config_error(f"run {args.run!r} is a local run: --gpu and friends apply to cloud runs")
@@ -452,9 +460,10 @@ def _checkpoints(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    checkpoints = _checkpoints(args)  # an unknown run is refused before torch is imported
     from model.inference import load_trained, sample
 
-    trained = load_trained(_checkpoints(args), args.step)
+    trained = load_trained(checkpoints, args.step)
     text = sample(trained, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if args.json:
         print(json.dumps({"run": args.run, "step": trained.step, "prompt": args.prompt, "text": text}))
@@ -464,9 +473,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    checkpoints = _checkpoints(args)  # an unknown run is refused before torch is imported
     from model.inference import export_run
 
-    out = export_run(_checkpoints(args), args.hf, args.step)
+    out = export_run(checkpoints, args.hf, args.step)
     print(f"wrote a Hugging Face Llama folder to {out} (AutoModelForCausalLM.from_pretrained loads it)")
     return 0
 
@@ -682,11 +692,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for dest, value in vars(args).items():  # argparse (3.11) turns `--flag=--` into [] instead of refusing
+        if (value == [] and dest != "override") or (dest == "override" and [] in value):
+            parser.error(f"argument --{dest.replace('_', '-')}: expected one argument")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     from model.errors import ConfigError
 
+    # Run state (run directories, logs, metrics, checkpoints and their cache, exports) is the owner's alone
+    # whatever the caller's umask; the driver started from here inherits it. `stage` writes datasets, which
+    # hold no credentials: readable as the caller's umask allows, never writable by others.
+    umask = os.umask(0o077)
+    if args.verb == "stage":
+        os.umask(umask | 0o022)
     try:
         return args.func(args)
     except ConfigError as e:
@@ -694,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        os.umask(umask)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, help="Ray Train workers (with --pod: nodes x GPUs per node)")
     ap.add_argument("--nodes", type=int, default=1, help="nodes to wait for in the Ray cluster")
     args = ap.parse_args(argv)
+    os.umask(0o077)  # run state, checkpoints, Ray's and wandb's files: the owner's alone (Ray inherits it)
     if bool(args.pod) == bool(args.run_dir) or (args.pod and not (args.store and args.workers)):
         ap.error("give a run directory, or --pod RUN with --store and --workers")
     path = pod_run_dir(args.pod, args.store, args.workers) if args.pod else Path(args.run_dir).resolve()

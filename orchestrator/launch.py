@@ -135,13 +135,25 @@ def _check_inputs(spec: RunSpec, workers: int, store: str) -> None:
 
         try:
             staged_manifest(spec.data.path)
-        except (StoreError, ValueError) as e:
+        except (StoreError, ValueError, OSError) as e:  # OSError: a name too long for the filesystem
             raise ConfigError(f"data.path {spec.data.path!r}: {e}") from None
-    elif _looks_local(spec.data.dataset) and not Path(spec.data.dataset).exists():
+    elif _looks_local(spec.data.dataset) and not _present(spec.data.dataset):
         raise ConfigError(
             f"data.dataset {spec.data.dataset!r}: no such file or folder (give a local path or a hub id "
             "org/name)"
         )
+    if not spec.data.path and spec.data.tokenizer != "train" and not _present(spec.data.tokenizer, file=True):
+        raise ConfigError(
+            f"data.tokenizer {spec.data.tokenizer!r}: no such file (give a tokenizer.json path, or 'train')"
+        )
+
+
+def _present(path: str, file: bool = False) -> bool:
+    """Whether `path` exists (as a file); False for a name the filesystem refuses (too long)."""
+    try:
+        return Path(path).is_file() if file else Path(path).exists()
+    except OSError:
+        return False
 
 
 def _looks_local(dataset: str) -> bool:
@@ -178,7 +190,11 @@ def launch(
     spec = resolve_spec(preset, overrides or [], wandb)
     root = runs.runs_root(root)
     name = runs.check_name(name) if name is not None else runs.generate_name(preset)
-    store = (store or runs.default_store(root)).rstrip("/")
+    path = root / name
+    exists = ConfigError(f"run {name!r} already exists in {root}: `lmctl resume {name}` continues it")
+    if path.exists():  # before the plan is shown: a refused launch prints only its error
+        raise exists
+    store = (store if store is not None else runs.default_store(root)).rstrip("/")  # '' is no store
     cloud_plan = plan_cloud(spec, hardware, store) if hardware else None
     asked_micro = spec.train.micro_batch_size
     if cloud_plan:
@@ -188,10 +204,6 @@ def launch(
         _check_reachable(store)
     if cloud_plan and show_plan:
         show_plan(cloud_plan.plan)
-    path = root / name
-    exists = ConfigError(f"run {name!r} already exists in {root}: `lmctl resume {name}` continues it")
-    if path.exists():
-        raise exists
     root.mkdir(parents=True, exist_ok=True)
     try:
         path.mkdir()  # atomic: of two launches racing for one name, one wins

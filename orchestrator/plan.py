@@ -300,14 +300,15 @@ def make_plan(
     if tokens is not None and not (math.isfinite(tokens) and tokens > 0):
         raise ConfigError(f"--tokens {tokens} must be > 0")
     if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
-        raise ConfigError(f"tokens per parameter {tokens_per_param} must be > 0")
+        raise ConfigError(f"--tokens-per-param {tokens_per_param}: tokens per parameter must be > 0")
 
     m, t, gpu = spec.model, spec.train, req.primary
     world = req.count * nodes
     seqs = spec.global_batch_seqs
     if seqs % world:
         raise ConfigError(
-            f"the global batch of {seqs} sequences does not split over {world} GPUs; choose "
+            f"the global batch of {seqs} sequences does not split over {world} GPUs ({req.count} per node x "
+            f"--nodes {nodes}); choose "
             f"train.global_batch_tokens as a multiple of {world * m.seq_len}"
         )
     notes: list[str] = []

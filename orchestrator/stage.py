@@ -215,7 +215,11 @@ def resolve_source(spec: DataConfig) -> Source:
         path = Path(spec.dataset).expanduser()
     except RuntimeError:  # '~name' of no such user: no such path
         path = Path(spec.dataset)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError:  # a name longer than the filesystem allows: no such path
+        exists = False
+    if exists:
         return _local_source(spec, path.resolve())
     looks_like_path = (
         spec.dataset.startswith(("/", ".", "~")) or _format_of(path) or spec.dataset.count("/") > 1
@@ -482,7 +486,7 @@ def load_given_tokenizer(spec: DataConfig, vocab_size: int | None) -> Tokenizer 
         return None
     try:
         tok = Tokenizer.load(spec.tokenizer)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a name too long for the filesystem
         raise StageError(f"--tokenizer: {_one_line(e)} (give a tokenizer.json path, or 'train')") from None
     if vocab_size is not None and vocab_size != tok.vocab_size:
         raise StageError(

@@ -6,6 +6,7 @@ controller (it unpickles train_worker by reference), so every import here is pai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -28,6 +29,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
 
     from model.config import RunSpec
     from model.train import train
+
+    os.umask(0o077)  # on a pod, Ray (started by the task's script) did not get it from our driver
 
     # Ray Train logs a line per report() call; the run's log has the metrics already.
     logging.getLogger("ray.train.v2._internal.execution.context").addFilter(
@@ -64,14 +67,27 @@ def train_worker(cfg: dict[str, Any]) -> None:
             on_log=on_log,
             checkpoint_root=cfg["checkpoints"],
         )
-    finally:
-        if mirror:
-            mirror.push_metrics(now=True)
+    except BaseException:
+        if mirror:  # the last metrics, if the store takes them; the training error is what must surface
+            with contextlib.suppress(Exception):
+                mirror.push_metrics(now=True)
+        raise
+    if mirror:
+        mirror.push_metrics(now=True)
 
 
 class StoreMirror:
     """Rank 0 of a cloud run: metrics.jsonl copied to the store (where `lmctl status` reads it), and the
-    store's STOP object polled (where `lmctl stop` writes it). Both throttled: they are network calls."""
+    store's STOP object polled (where `lmctl stop` writes it). Both throttled: they are network calls.
+
+    Transient faults (503s, resets, slow or cut replies, a torn upload) are retried by the store
+    (model/store.py: botocore's retries, then put_file's verification and re-send). A push or poll that
+    still fails raises StoreError out of the step that called it: the run stops loudly, with the error
+    in its log, and resumes from its last checkpoint where recovery is on. It is not swallowed: a run
+    whose store is gone cannot checkpoint either, and `lmctl status` must not show a stale run as live.
+    A failed push leaves the store's metrics.jsonl as it was or a prefix of the local file (append-only),
+    never anything else (tests/chaos_storage.py metric_writes).
+    """
 
     def __init__(self, store: str, name: str, metrics: Path):
         from model.store import open_store

@@ -14,6 +14,7 @@ import random
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -113,46 +114,181 @@ def iam_auth(endpoint: str, users: dict[str, list[str]]) -> Iterator[dict[str, t
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
 _SLOWDOWN = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+# What a torn PUT must not carry for the server to store it: every checksum of the whole body.
+_CHECKSUMS = {"content-md5", "x-amz-content-sha256", "x-amz-sdk-checksum-algorithm", "x-amz-trailer"}
+KINDS = ("error", "reset", "cut", "slow", "stall", "abort", "torn")
+OUTAGES = ("error", "reset", "down")
 
 
 class FaultProxy:
     """A reverse proxy on 127.0.0.1 that fails a seeded fraction of requests, for boto3 to retry.
 
-    Faults: `error_rate` answers 503 SlowDown; `reset_rate` resets the connection before replying;
-    `cut_rate` (GETs only) sends the headers and half the body, then closes. `requests` counts what
-    came in, `faults` counts what was injected, by kind.
+    One seeded draw per request picks its fate (each kind applies only where it can; elsewhere the
+    request passes):
+
+    - `error_rate`: answers 503 SlowDown, forwarding nothing.
+    - `reset_rate`: reads the request, forwards nothing, resets the connection (RST) instead of replying.
+    - `cut_rate` (GET): forwards, sends the headers and half the body, then closes.
+    - `slow_rate`: forwards, then holds the reply for a delay drawn from `slow_s` (lo, hi) seconds.
+    - `stall_rate`: forwards, then holds the reply for `stall_s` seconds, meant to exceed the client's
+      read timeout: the request took effect upstream but the client gives up and retries it.
+    - `abort_rate` (PUT/POST with a body): reads half the body, forwards nothing, resets the
+      connection: the client's upload dies mid-way.
+    - `torn_rate` (PUT with a body): forwards only the first half of the body, with a matching
+      Content-Length and no checksum headers, and relays the server's 200: a silently torn object
+      that only the client's own verification (size/sha256 after upload) can catch.
+
+    `then(kind, ...)` scripts the fates of the next requests. `outage(kind, after)` fails every request
+    after the next `after` with 503s ("error"), resets ("reset"), or by going down ("down": the
+    listening socket is closed, so connects are refused, and kept-alive connections are reset);
+    `heal()` ends it. `requests` counts what came in by method, `faults` what was injected by kind
+    (outage faults included), `history` every request as (method, path, fault).
     """
 
-    def __init__(self, upstream: str, seed: int = 0, error_rate=0.0, reset_rate=0.0, cut_rate=0.0):
+    def __init__(
+        self,
+        upstream: str,
+        seed: int = 0,
+        error_rate=0.0,
+        reset_rate=0.0,
+        cut_rate=0.0,
+        slow_rate=0.0,
+        stall_rate=0.0,
+        abort_rate=0.0,
+        torn_rate=0.0,
+        slow_s: tuple[float, float] = (0.2, 1.0),
+        stall_s: float = 5.0,
+    ):
         self.upstream = urlsplit(upstream)
-        self.rates = {"error": error_rate, "reset": reset_rate, "cut": cut_rate}
+        self.rates = {
+            "error": error_rate,
+            "reset": reset_rate,
+            "cut": cut_rate,
+            "slow": slow_rate,
+            "stall": stall_rate,
+            "abort": abort_rate,
+            "torn": torn_rate,
+        }
+        assert sum(self.rates.values()) <= 1.0, self.rates
+        self.slow_s, self.stall_s = slow_s, stall_s
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.requests: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.proxy = self
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.history: list[tuple[str, str, str | None]] = []  # (method, path, fault) of every request
+        self._outage: tuple[str, int] | None = None  # (kind, requests still let through)
+        self._script: list[str | None] = []  # fates of the next requests, before any draw
+        self.server = self._serve(0)
+        self.port = self.server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._running = False
 
-    def draw(self, method: str) -> str | None:
-        """Count the request and pick its fate: one seeded draw per request."""
+    def _serve(self, port: int) -> _QuietServer:
+        server = _QuietServer(("127.0.0.1", port), _Handler)
+        server.proxy = self
+        return server
+
+    def draw(self, method: str, body: int = 0, path: str = "") -> tuple[str | None, float]:
+        """Count the request and pick its fate and delay: one seeded draw per request.
+
+        `body` is the request's Content-Length (-1: chunked, length unknown)."""
         with self.lock:
             self.requests[method] += 1
-            r, edge = self.rng.random(), 0.0
-            for kind, rate in self.rates.items():
-                edge += rate
-                if r < edge and (kind != "cut" or method == "GET"):
-                    self.faults[kind] += 1
-                    return kind
-            return None
+            fault, delay = self._fate(method, body)
+            if fault is not None:
+                self.faults[fault] += 1
+            self.history.append((method, path, fault))
+            return fault, delay
+
+    def _fate(self, method: str, body: int) -> tuple[str | None, float]:
+        if self._script:
+            kind = self._script.pop(0)
+            return (kind, self._delay(kind)) if kind and _applies(kind, method, body) else (None, 0.0)
+        if self._outage is not None:
+            kind, left = self._outage
+            if left <= 0:
+                return kind, 0.0
+            self._outage = (kind, left - 1)
+        r, edge = self.rng.random(), 0.0
+        for kind, rate in self.rates.items():
+            edge += rate
+            if r < edge:  # a kind this request cannot have (a cut PUT): it passes
+                return (kind, self._delay(kind)) if _applies(kind, method, body) else (None, 0.0)
+        return None, 0.0
+
+    def _delay(self, kind: str) -> float:
+        if kind == "slow":
+            return self.rng.uniform(*self.slow_s)
+        return self.stall_s if kind == "stall" else 0.0
+
+    def then(self, *kinds: str | None) -> None:
+        """The next requests get these fates, in order (None: passes; a kind that cannot apply: passes)."""
+        assert all(k is None or k in KINDS for k in kinds), kinds
+        with self.lock:
+            self._script += kinds
+
+    def outage(self, kind: str = "error", after: int = 0) -> None:
+        """From the request after the next `after` on, fail every request with `kind` (see OUTAGES)."""
+        assert kind in OUTAGES, kind
+        with self.lock:
+            self._outage = (kind, after)
+        if kind == "down" and after == 0:
+            self.go_down()
+
+    def heal(self) -> None:
+        """End an outage; a proxy that went down listens again on the same port."""
+        with self.lock:
+            self._outage = None
+            down = not self._running
+        if down:
+            self.server = self._serve(self.port)
+            self._start()
+
+    def go_down(self) -> None:
+        """Stop listening (a handler calls this when an outage of kind "down" begins)."""
+        with self.lock:
+            if not self._running:
+                return
+            self._running = False
+            server = self.server
+        server.shutdown()
+        server.server_close()
+
+    def _start(self) -> None:
+        self._running = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def __enter__(self) -> FaultProxy:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.go_down()
+
+
+def _checksum(header: str) -> bool:
+    return header.lower() in _CHECKSUMS or header.lower().startswith("x-amz-checksum-")
+
+
+def _applies(kind: str, method: str, body: int) -> bool:
+    if kind == "cut":
+        return method == "GET"
+    if kind == "abort":
+        return method in ("PUT", "POST") and (body > 1 or body < 0)
+    if kind == "torn":
+        return method == "PUT" and body > 1
+    return True
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that gave up (timeout, reset) while a fault held its reply is expected, not news."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -162,8 +298,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def _body(self) -> bytes:
+    def _length(self) -> int:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return -1
+        return int(self.headers.get("Content-Length") or 0)
+
+    def _body(self) -> bytes:
+        if self._length() < 0:
             out = b""
             while size := int(self.rfile.readline().split(b";")[0], 16):
                 out += self.rfile.read(size)
@@ -171,15 +312,27 @@ class _Handler(BaseHTTPRequestHandler):
             while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
                 pass
             return out
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        return self.rfile.read(self._length())
+
+    def _reset(self) -> None:
+        """RST instead of a reply: linger 0, then close."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
 
     def _proxy(self) -> None:
         proxy: FaultProxy = self.server.proxy
+        length = self._length()
+        fault, delay = proxy.draw(self.command, length, self.path)
+        if fault == "down":
+            proxy.go_down()
+            fault = "reset"
+        if fault == "abort":  # half the body arrives, then the connection dies
+            self.rfile.read(length // 2 if length > 0 else 1)
+            self._reset()
+            return
         body = self._body()
-        fault = proxy.draw(self.command)
-        if fault == "reset":  # RST instead of a reply: linger 0, then close
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.close_connection = True
+        if fault == "reset":
+            self._reset()
             return
         if fault == "error":
             self.send_response_only(503, "Slow Down")
@@ -188,9 +341,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(_SLOWDOWN)
             return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+        if fault == "torn":
+            body = body[: len(body) // 2]
+            headers = {k: v for k, v in headers.items() if not _checksum(k)}
+            headers["X-Amz-Content-SHA256"] = "UNSIGNED-PAYLOAD"
         up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
         try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
             if body or self.command in ("PUT", "POST"):
                 headers["Content-Length"] = str(len(body))
             up.request(self.command, self.path, body=body, headers=headers)
@@ -198,6 +355,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = resp.read()
         finally:
             up.close()
+        if delay:
+            time.sleep(delay)  # the request took effect upstream; its reply comes late (or too late)
         self.send_response_only(resp.status, resp.reason)
         for k, v in resp.getheaders():
             if k.lower() not in _HOP and k.lower() != "content-length":
