@@ -543,6 +543,7 @@ def stage(
                 f"dataset {source.dataset} has no text: every {spec.text_field!r} is empty or missing"
             )
     work = Path(work_dir) if work_dir else default_work_dir(digest)
+
     def waiting() -> None:
         print(f"waiting for another staging of {source.dataset} on this machine", file=sys.stderr, flush=True)
 

@@ -361,10 +361,10 @@ def exercise(
     The caller's umask is `umask` (default 0o000, the most permissive): whatever is owner-only afterwards,
     lmctl made so. Verbs: --help; presets; train (2 steps, no Ray); stage (into a bucket on `endpoint`,
     moto started here when None); launch --print-config; plan; launch --gpu --dry-run (cloud); launch
-    --mode local --foreground --wandb (20 steps; data from the bucket, checkpoints in the default file://
-    store); status (table, all as JSON, one run as JSON); logs; attach; plot; generate; export --hf; stop
-    and resume of the finished run (both refuse); resume of the cloud run (stages, then SkyPilot is
-    unreachable: refused). While the local run trains, each of its processes' command lines is read.
+    --mode local --foreground --wandb (20 steps; its data and checkpoints in the bucket); status (table,
+    all as JSON, one run as JSON); logs; attach; plot; generate; export --hf; stop and resume of the
+    finished run (both refuse); resume of the cloud run (stages, then SkyPilot is unreachable: refused).
+    While the local run trains, each of its processes' command lines is read.
     """
     t0 = time.monotonic()
     base = Path(base)
@@ -451,6 +451,7 @@ def _verbs(ex: Exercise, umask: int, timeout: float) -> None:
     short = ["train.steps=20", "train.checkpoint_every=10", "train.eval_every=10", "train.log_every=5"]
     short += ["wandb.mode=offline", f"data.path={data}"]
     args = ["launch", "--mode", "local", "--config", "tiny", "--name", "local", "--foreground", "--wandb"]
+    args += ["--store", ex.bucket]  # checkpoints and metrics in the bucket too: the canary signs them
     args += [a for o in short for a in ("--override", o)]
     _launch_watching(ex, args, umask, timeout)
     for label, verb in (

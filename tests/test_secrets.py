@@ -28,6 +28,7 @@ from urllib.parse import quote
 import pytest
 from canary import CANARIES, REPO, Scanner, exercise, group_or_other, needles, sweep, writable_by_others
 
+from model.store import open_store
 from orchestrator import runs
 
 
@@ -220,7 +221,7 @@ def test_canaries_appear_nowhere_and_run_state_is_owner_only(tmp_path, s3_server
     assert {r["name"] for r in json.loads(c["status-json"].stdout)} == {"local", "cloudy"}
     s = json.loads(c["status-run-json"].stdout)
     assert (s["state"], s["step"], s["last_checkpoint"]) == ("finished", 20, 20)
-    assert s["data"].startswith(ex.bucket) and s["checkpoints"].startswith("file://")
+    assert s["data"].startswith(ex.bucket) and s["checkpoints"] == f"{ex.bucket}/runs/local/checkpoints"
     ok("status-cloud", "cloudy")
     ok("logs", "finished at step 20")
     ok("logs-follow", "finished at step 20")
@@ -236,8 +237,10 @@ def test_canaries_appear_nowhere_and_run_state_is_owner_only(tmp_path, s3_server
     base = ex.base
     local = base / "runs" / "local"
     assert list(local.glob("wandb/offline-run-*/run-*.wandb")), "wandb logged offline"
-    ckpts = base / "runs" / "store" / "runs" / "local" / "checkpoints"
-    assert (ckpts / "step_000000020" / "COMMIT").is_file() and (base / "hf" / "config.json").is_file()
+    keys = open_store(ex.bucket, ex.env["AWS_ENDPOINT_URL"]).list("")
+    assert "runs/local/checkpoints/step_000000020/COMMIT" in keys  # a local run with an s3:// store
+    assert any(k.startswith("datasets/") and k.endswith("manifest.json") for k in keys)
+    assert (base / "hf" / "config.json").is_file()
     assert ex.areas["ray_sessions"]["files"] > 5, "Ray's session folder (logs) was found and swept"
     assert ex.areas["bucket"]["objects"] >= 5 and ex.areas["cache"]["files"] > 0
     assert ex.areas["home"]["files"] > 0 and ex.processes >= 5  # driver, gcs, raylet, 2 workers, ...
@@ -245,8 +248,9 @@ def test_canaries_appear_nowhere_and_run_state_is_owner_only(tmp_path, s3_server
 
     assert ex.leaks == [], f"canary secrets leaked: {ex.leaks}"
 
-    # owner-only: the runs root and everything under it (run dirs, the file:// store's runs/ with its
-    # checkpoints), the plain run, cached checkpoints and datasets, the export; nothing writable by others
+    # owner-only: the runs root and everything under it (run dirs), the plain run (its checkpoints),
+    # cached checkpoints and datasets, the export; nothing writable by others. (A file:// store's
+    # checkpoints: tests/test_local_runs.py's smoke run.)
     assert group_or_other([base / "runs", base / "plain"]) == []
     assert group_or_other([base / "cache" / "checkpoints", base / "cache" / "datasets", base / "hf"]) == []
     assert writable_by_others([base / "runs", base / "cache", base / "hf", base / "plain"]) == []
