@@ -86,7 +86,8 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
             check_key(prefix, f"prefix in {uri!r}")
         return S3Store(bucket, prefix, endpoint_url)
     if uri.startswith("file://"):
-        path = uri[len("file://") :].rstrip("/") or "/"
+        path = uri[len("file://") :]
+        path = path.rstrip("/") or path  # "file:///" is the root folder; "file://" names none
         if not path.startswith("/"):
             raise StoreError(f"invalid file URI {uri!r}: it needs an absolute path, e.g. file:///data/lmctl")
         if path != "/":

@@ -416,19 +416,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import observe
     from orchestrator.runs import list_runs
 
-    paths = [_run_path(args)] if args.run else list_runs(_root(args))
+    one = args.run is not None  # `lmctl status ""` is a bad name, not "every run"
+    paths = [_run_path(args)] if one else list_runs(_root(args))
     for path in paths:
         _refreshed(path)
     summaries = [observe.run_summary(p) for p in paths]
     if args.json:
-        print(json.dumps(summaries[0] if args.run else summaries, indent=1))
+        print(json.dumps(summaries[0] if one else summaries, indent=1))
         return 0
     from rich.console import Console
 
     if not summaries:
         print(f"no runs in {_root(args)}; start one with: lmctl launch --mode local --config tiny")
         return 0
-    Console().print(observe.status_detail(summaries[0]) if args.run else observe.status_table(summaries))
+    Console().print(observe.status_detail(summaries[0]) if one else observe.status_table(summaries))
     return 0
 
 

@@ -194,7 +194,8 @@ def launch(
     exists = ConfigError(f"run {name!r} already exists in {root}: `lmctl resume {name}` continues it")
     if path.exists():  # before the plan is shown: a refused launch prints only its error
         raise exists
-    store = (store if store is not None else runs.default_store(root)).rstrip("/")  # '' is no store
+    store = store if store is not None else runs.default_store(root)  # '' is no store
+    store = store.rstrip("/") if not store.rstrip("/").endswith(":") else store  # file:/// stays itself
     cloud_plan = plan_cloud(spec, hardware, store) if hardware else None
     asked_micro = spec.train.micro_batch_size
     if cloud_plan:

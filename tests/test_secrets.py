@@ -27,8 +27,8 @@ from urllib.parse import quote
 
 import pytest
 from canary import CANARIES, REPO, Scanner, exercise, group_or_other, needles, sweep, writable_by_others
+from s3 import s3_client
 
-from model.store import open_store
 from orchestrator import runs
 
 
@@ -237,7 +237,9 @@ def test_canaries_appear_nowhere_and_run_state_is_owner_only(tmp_path, s3_server
     base = ex.base
     local = base / "runs" / "local"
     assert list(local.glob("wandb/offline-run-*/run-*.wandb")), "wandb logged offline"
-    keys = open_store(ex.bucket, ex.env["AWS_ENDPOINT_URL"]).list("")
+    bucket, _, prefix = ex.bucket.removeprefix("s3://").partition("/")
+    listed = s3_client(ex.env["AWS_ENDPOINT_URL"]).list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")
+    keys = [o["Key"].removeprefix(f"{prefix}/") for o in listed.get("Contents", [])]
     assert "runs/local/checkpoints/step_000000020/COMMIT" in keys  # a local run with an s3:// store
     assert any(k.startswith("datasets/") and k.endswith("manifest.json") for k in keys)
     assert (base / "hf" / "config.json").is_file()
