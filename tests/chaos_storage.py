@@ -828,24 +828,11 @@ def train_full_disk(
     method = method or disk_method(tmp)
     t = Tally("train_full_disk")
     data = small_dataset(dataset or tmp / "dataset")
-    overrides = [
-        "model.vocab_size=512",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.n_kv_heads=2",
-        "model.d_ff=128",
-        "model.seq_len=64",
-        "train.global_batch_tokens=512",
-        "train.micro_batch_size=4",
-        "train.steps=4",
-        "train.warmup_steps=1",
-        "train.log_every=1",
-        "train.eval_every=100",
-        "train.eval_batches=1",
-        "train.checkpoint_every=2",
-        f"data.path={data}",
-    ]
+    from test_train import SMALL  # the small model the training tests use; a checkpoint every 2 steps
+
+    overrides = [*SMALL, "train.micro_batch_size=4", "train.steps=4", "train.warmup_steps=1"]
+    overrides += ["train.eval_every=100", "train.eval_batches=1", "train.checkpoint_every=2"]
+    overrides.append(f"data.path={data}")
     errno_name = "EFBIG" if method == "rlimit" else "ENOSPC"
     words = "File too large" if method == "rlimit" else "No space left on device"
     for trial in range(trials):

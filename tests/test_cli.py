@@ -136,6 +136,7 @@ def test_print_config_shows_the_resolved_spec_and_writes_nothing(runs_dir, capsy
         ["export", "ghost", "--hf", "out"],
         ["plot", "ghost"],
         ["logs", "../x"],
+        ["status", ""],  # a bad name, not "every run"
     ],
 )
 def test_verbs_on_a_missing_run_say_so(runs_dir, capsys, verb):

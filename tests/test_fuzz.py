@@ -88,6 +88,7 @@ def test_gpu_specs(sb, c):
 @example(c=case(*STAGE, "--store=", names=["--store", "store URI"]))
 @example(c=case(*LOCAL, "--store=", names=["--store"]))
 @example(c=case(*LOCAL, "--store=s3:/bucket/x", names=["--store"]))
+@example(c=case(*LOCAL, "--store=file://", names=["--store"]))
 @example(c=case(*STAGE, "--store=~no-such-user-x/s", names=["~no-such-user-x"]))
 @example(c=case(*STAGE, "--store=s3://bucket/a\nb", names=["s3://bucket"]))
 @example(c=case(*STAGE, f"--store=@ROOT@/{LONG}", names=["store root"]))
