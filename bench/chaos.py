@@ -1,7 +1,7 @@
 """The reliability report: kills at random instants, storage faults, fuzzed bad input, canary secrets,
 concurrency. Figures, never pass/fail on time; a property that does not hold is printed as a failure.
 
-    python -m bench.chaos                       # everything: 16 kills over 4 runs + the rest, ~20 min
+    python -m bench.chaos                       # everything: 16 kills over 4 runs + the rest, ~12 min
     python -m bench.chaos --quick               # 1 chaos run (5 kills), fewer faults and examples, ~6 min
     python -m bench.chaos --only kills          # or storage, fuzz, canary, concurrency (repeatable)
     python -m bench.chaos --seed 7              # another draw of instants, faults and inputs
