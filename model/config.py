@@ -23,6 +23,16 @@ DEFAULT_CORPUS = CONFIGS_DIR / "data" / "shakespeare.jsonl"
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, data: Any) -> Any:
+        """pydantic reads `train.steps=true` as 1; a yes/no where a number belongs is a mistake."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and field.annotation in (int, float, "int", "float"):
+                    raise ValueError(f"{name} must be a number, not {data[name]!r}")
+        return data
+
 
 class ModelConfig(_Strict):
     """Llama-style decoder shape."""

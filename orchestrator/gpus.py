@@ -170,7 +170,7 @@ def parse_gpu(text: str) -> GpuRequest:
     count = 1
     if sep:
         count_part = count_part.strip()
-        if not re.fullmatch(r"\d+", count_part):
+        if not re.fullmatch(r"[0-9]+", count_part):  # ASCII: int() would also read "٨" as 8
             raise ConfigError(
                 f"--gpu {spec!r}: the GPU count after ':' must be one of {', '.join(map(str, COUNTS))}"
             )

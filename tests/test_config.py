@@ -117,3 +117,10 @@ def test_flops_per_token_by_hand():
     n = 12 * layer + 32768 * 768
     assert matmul_params(m) == n
     assert flops_per_token(m) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+@pytest.mark.parametrize("override", ["train.steps=true", "model.d_model=false", "train.lr=true"])
+def test_a_boolean_is_not_a_number(override):
+    """pydantic would read `train.steps=true` as 1 step."""
+    with pytest.raises(ConfigError, match="must be a number, not"):
+        resolve("tiny", [override])

@@ -186,6 +186,7 @@ def test_parse_gpu(text, names, count):
         ("H100::2", "must be one of 1, 2, 4, 8"),
         ("H100:", "must be one of 1, 2, 4, 8"),
         ("H100:2.0", "must be one of 1, 2, 4, 8"),
+        ("H100:\u0668", "must be one of 1, 2, 4, 8"),  # ARABIC-INDIC EIGHT: int() reads it as 8
         ("H100,,A100", "empty GPU name"),
         ("H100,", "empty GPU name"),
         (",H100", "empty GPU name"),
