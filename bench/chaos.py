@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,8 +59,6 @@ def bench_kills(base: Path, seed: int, plans: list[list[str]]) -> dict[str, Any]
     store = ["--store", f"file://{base / 'pair-store'}"]
     t0 = time.monotonic()
     args = ["launch", "--config", "tiny", *chaos.SHORT, *store]
-    import subprocess
-
     cmd = [sys.executable, "-m", "orchestrator.cli", *args, "--name", "reference", "--foreground"]
     fg = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     twin = chaos.lmctl(env, *args, "--name", "twin")

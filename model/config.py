@@ -29,7 +29,7 @@ class _Strict(BaseModel):
         """pydantic reads `train.steps=true` as 1; a yes/no where a number belongs is a mistake."""
         if isinstance(data, dict):
             for name, field in cls.model_fields.items():
-                if isinstance(data.get(name), bool) and field.annotation in (int, float, "int", "float"):
+                if isinstance(data.get(name), bool) and field.annotation in (int, float):
                     raise ValueError(f"{name} must be a number, not {data[name]!r}")
         return data
 
@@ -178,14 +178,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             raise ConfigError(
                 f"unknown preset {name_or_path!r}: use one of {', '.join(preset_names())} or a .yaml path"
             )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read preset {path}: {e}") from None
-    except (ValueError, TypeError, OverflowError) as e:  # a tag PyYAML cannot build: '!!int x'
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    raw = _read_yaml(path, "preset")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(RunSpec.model_fields)}")
     return raw
@@ -196,6 +189,18 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # a name longer than the filesystem allows
         return False
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    """The parsed file; any failure is one ConfigError line naming the file."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read {what} {path}: not valid YAML ({_yaml_problem(e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a tag PyYAML cannot build: '!!int x'
+        raise ConfigError(f"cannot read {what} {path}: not valid YAML ({e})") from None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -283,14 +288,7 @@ def resolve(preset: str, overrides: list[str] | None = None) -> RunSpec:
 def load_spec(path: str | Path) -> RunSpec:
     """Read a resolved config.yaml (what workers do)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot read config {path}: not valid YAML ({_yaml_problem(e)})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
-    except (ValueError, TypeError, OverflowError) as e:
-        raise ConfigError(f"cannot read config {path}: not valid YAML ({e})") from None
+    raw = _read_yaml(path, "config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping")
     return validate(raw)

@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -393,26 +393,14 @@ class S3Store(Store):
                 f"local file {local} has sha256 {actual[:12]}..., expected {sha256[:12]}...: it changed "
                 "after it was hashed; nothing was uploaded"
             )
-        for attempt in range(1, VERIFY_ATTEMPTS + 1):
-            with self._errors("upload to", key):
-                try:
-                    self.client.upload_file(
-                        str(local),
-                        self.bucket,
-                        self._key(key),
-                        ExtraArgs={"Metadata": {SHA_META: actual}},
-                        Config=self._config(),
-                    )
-                except Exception as e:
-                    if attempt < VERIFY_ATTEMPTS and _arrived_torn(e):
-                        continue
-                    raise
-            if (got := self._stored(key)) == (size, actual):
-                return
-        raise StoreError(
-            f"upload of {local} to {self.url(key)} did not verify ({VERIFY_ATTEMPTS} attempts): the store "
-            f"reports (size, sha256) {got}, expected {(size, actual)}"
+        send = lambda: self.client.upload_file(  # noqa: E731
+            str(local),
+            self.bucket,
+            self._key(key),
+            ExtraArgs={"Metadata": {SHA_META: actual}},
+            Config=self._config(),
         )
+        self._send_verified(key, send, size, actual, "upload to", f"upload of {local} to {self.url(key)}")
 
     def get_file(self, key: str, local: Path, sha256: str | None = None) -> None:
         """Download to a tmp file next to `local`; verify size and sha256 (given, else metadata); rename."""
@@ -432,21 +420,30 @@ class S3Store(Store):
         import hashlib
 
         digest = hashlib.sha256(data).hexdigest()
+        send = lambda: self.client.put_object(  # noqa: E731
+            Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={SHA_META: digest}
+        )
+        self._send_verified(key, send, len(data), digest, "PUT of", f"PUT of {self.url(key)}")
+
+    def _send_verified(
+        self, key: str, send: Callable[[], Any], size: int, sha256: str, action: str, what: str
+    ) -> None:
+        """send() the object, then HEAD it: the store must report this size and sha256. A body that
+        arrived torn (S3 refused it, or it landed short) is sent again, VERIFY_ATTEMPTS in all."""
+        got = None
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
-            with self._errors("PUT of", key):
+            with self._errors(action, key):
                 try:
-                    self.client.put_object(
-                        Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={SHA_META: digest}
-                    )
+                    send()
                 except Exception as e:
                     if attempt < VERIFY_ATTEMPTS and _arrived_torn(e):
                         continue
                     raise
-            if (got := self._stored(key)) == (len(data), digest):
+            if (got := self._stored(key)) == (size, sha256):
                 return
         raise StoreError(
-            f"PUT of {self.url(key)} did not verify ({VERIFY_ATTEMPTS} attempts): the store reports "
-            f"(size, sha256) {got}, expected {(len(data), digest)}"
+            f"{what} did not verify ({VERIFY_ATTEMPTS} attempts): the store reports (size, sha256) {got}, "
+            f"expected {(size, sha256)}"
         )
 
     def get_bytes(self, key: str) -> bytes:
