@@ -251,7 +251,7 @@ def build_variant(name: str, cfg: ModelConfig, spec, batch: torch.Tensor, args) 
         model = Decoder(cfg)
     if kind.startswith("ours"):
         model.set_activation_checkpointing(args.checkpointing)
-        loss_fn = lambda: model(idx, tgt)[1]
+        loss_fn = lambda: model(idx, tgt)
     else:
         model = hf_model(cfg, kind.removeprefix("hf-"), model, device)
         if args.checkpointing:

@@ -301,8 +301,12 @@ def rng_state() -> dict[str, Any]:
         ),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This rank's own GPU only: get_rng_state_all() lists every GPU the process can see (under Ray or
+        # torchrun, the whole node), which a resume on fewer GPUs cannot restore. Nothing in training draws
+        # from the CUDA generator (the decoder has no dropout; data order is a function of the step), so
+        # keeping it is for completeness, and one device's state is all there is to keep.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -318,7 +322,12 @@ def set_rng_state(d: dict[str, Any]) -> None:
     if "torch" in d:
         torch.set_rng_state(d["torch"].cpu())
     if "cuda" in d and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in d["cuda"]])
+        cuda = d["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints held every visible GPU's state
+            here = torch.cuda.current_device()
+            cuda = cuda[here] if here < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.cpu())
 
 
 # ---------------------------------------------------------------- checkpointer

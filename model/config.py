@@ -91,8 +91,16 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA")
     compile: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    activation_checkpointing: bool = False
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="recompute in backward: none, selective (every other block) or full (every block)"
+    )
     async_checkpoint: bool = Field(True, description="write checkpoints in a background thread")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_yes_no(cls, value: Any) -> Any:
+        """Earlier configs said true/false: true is full, false is none."""
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class DataConfig(_Strict):

@@ -58,7 +58,7 @@ def generate(
     out, step_ids = prompt_ids, prompt_ids
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(step_ids, cache=cache)[0][:, -1].float()
+        logits = model(step_ids, cache=cache)[:, -1].float()
         if temperature == 0:
             next_ids = logits.argmax(dim=-1)
         else:

@@ -66,18 +66,25 @@ class Dist:
 
 
 def setup_distributed(device: str | None = None) -> Dist:
-    """Join the process group Ray/torchrun prepared (or make one from torchrun's env); else single process."""
+    """Join the process group Ray/torchrun prepared (or make one from torchrun's env); else single process.
+
+    device: "cpu", "cuda" (this process's GPU is LOCAL_RANK's) or "cuda:N" (the one Ray Train assigned);
+    None picks CUDA when there is one.
+    """
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if want_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # Before the first allocation: segments that grow instead of piling up fragments (varying eval and
+        # train shapes otherwise strand GiBs of reserved but unusable memory).
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        dev = torch.device(device if device and ":" in device else f"cuda:{local_rank}")
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=dev if want_cuda else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     return Dist(rank, world, local_rank, dev)
 
 
@@ -98,36 +105,46 @@ def _any_rank(flag: bool, d: Dist) -> bool:
     return bool(t.item())
 
 
-def wrap_model(model: Decoder, spec: RunSpec, d: Dist, bf16: bool) -> nn.Module:
-    """Activation checkpointing, then FSDP2 or DDP, then torch.compile, as the config asks."""
-    if spec.train.activation_checkpointing:
-        model.set_activation_checkpointing(True)
-    if spec.train.parallel == "fsdp" and d.world_size > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def sharded(spec: RunSpec, d: Dist) -> bool:
+    """FSDP shards over two or more ranks; on one rank it would only add all-gathers of nothing."""
+    return spec.train.parallel == "fsdp" and d.world_size > 1
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        kw = {"mp_policy": mp} if mp else {}
-        for block in model.layers:
-            fully_shard(block, **kw)
-        fully_shard(model, **kw)
-        wrapped: nn.Module = model
-    elif d.world_size > 1:
-        ids = [d.local_rank] if d.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    else:
-        wrapped = model
+
+def wrap_model(model: Decoder, spec: RunSpec, d: Dist, bf16: bool) -> nn.Module:
+    """Activation checkpointing, torch.compile per block, then FSDP2 or DDP, as the config asks.
+
+    The order is torchtitan's: checkpointing and compilation act inside each block, the data-parallel
+    wrapper outside them all.
+    """
+    model.set_activation_checkpointing(spec.train.activation_checkpointing)
     if spec.train.compile:
-        wrapped = torch.compile(wrapped)
-    return wrapped
+        model.compile_blocks()
+    if sharded(spec, d):
+        shard_fsdp(model, bf16)
+        return model
+    if d.world_size > 1:
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not in a second copy (4N bytes)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    return model
+
+
+def shard_fsdp(model: Decoder, bf16: bool) -> None:
+    """FSDP2: each block, then the root; bf16 compute with fp32 gradient reduction when training in bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    for block in model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
 
 
 def _no_sync(wrapped: nn.Module, raw: Decoder, last_micro: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
     if last_micro:
         return contextlib.nullcontext()
-    inner = getattr(wrapped, "_orig_mod", wrapped)
-    if isinstance(inner, nn.parallel.DistributedDataParallel):
-        return inner.no_sync()
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        return wrapped.no_sync()
     if hasattr(raw, "set_requires_gradient_sync"):  # FSDP2
         raw.set_requires_gradient_sync(False)
         return _ResyncOnExit(raw)
@@ -149,7 +166,7 @@ def evaluate(model: nn.Module, batches, autocast, d: Dist) -> float:
     total, count = 0.0, 0
     for x, y in batches:
         with autocast():
-            _, loss = model(x, y)
+            loss = model(x, y)
         total += loss.item() * x.shape[0]
         count += x.shape[0]
     model.train()
@@ -194,9 +211,10 @@ def train(
     if d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
+    # bf16 through autocast, except where FSDP's MixedPrecisionPolicy casts the sharded parameters itself
     autocast = (
         (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16))
-        if bf16 and t.parallel != "fsdp"
+        if bf16 and not sharded(spec, d)
         else contextlib.nullcontext
     )
 
@@ -241,7 +259,6 @@ def train(
         train_data, spec.global_batch_seqs, t.micro_batch_size, d.rank, d.world_size, t.seed, d.device
     )
     val_batches = eval_batches(val_data, t.eval_batches, t.micro_batch_size, d.rank, d.world_size, d.device)
-    accum = loader.grad_accum
 
     run_id = run_dir.resolve().name
     metrics = MetricsLogger(run_dir, spec, run_id, start_step, enabled=d.main)
@@ -275,29 +292,14 @@ def train(
     model.train()
     try:
         while step < t.steps:
-            loss_sum = 0.0
-            for i, (x, y) in enumerate(loader.micro_batches(step)):
-                with _no_sync(model, raw, last_micro=i == accum - 1):
-                    with autocast():
-                        _, loss = model(x, y)
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = (
-                nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip)
-                if t.grad_clip > 0
-                else _grad_norm(raw)
-            )
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            loss_sum, grad_norm, lr = train_step(model, raw, opt, sched, loader.micro_batches(step), autocast, t)
             step += 1
             fault_point("train.step")
 
             log_now = step % t.log_every == 0 or step == t.steps
             if log_now:
                 gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                loss_val, gn_val = _all_reduce_mean([float(loss_sum) / accum, float(gn)], d)
+                loss_val, gn_val = _all_reduce_mean([float(loss_sum), float(gn)], d)
                 now = time.perf_counter()
                 tok_s = (step - tick_step) * t.global_batch_tokens / max(now - tick, 1e-9)
                 tick, tick_step = now, step
@@ -340,6 +342,28 @@ def train(
         finally:
             metrics.close()
     return TrainResult(step=step, loss=last_loss, val_loss=last_val, stopped=stop_requested)
+
+
+def train_step(model: nn.Module, raw: Decoder, opt, sched, micro_batches, autocast, t) -> tuple:
+    """One optimizer step over a rank's micro-batches: (mean loss, grad norm, lr), as device tensors.
+
+    Each micro-batch's loss is the only tensor kept from its forward; nothing is read back to the host
+    here, so the GPU runs ahead of Python.
+    """
+    accum = len(micro_batches)
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (x, y) in enumerate(micro_batches):
+        with _no_sync(model, raw, last_micro=i == accum - 1):
+            with autocast():
+                loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip) if t.grad_clip > 0 else _grad_norm(raw)
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum / accum, grad_norm, lr
 
 
 def _grad_norm(model: nn.Module) -> torch.Tensor:

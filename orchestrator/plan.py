@@ -168,7 +168,7 @@ def max_fitting_micro(spec: RunSpec, strategy: str, world: int, gpu: Gpu, upto: 
 
 
 def config_strategy(spec: RunSpec) -> str:
-    return spec.train.parallel + ("+ckpt" if spec.train.activation_checkpointing else "")
+    return spec.train.parallel + ("+ckpt" if spec.train.activation_checkpointing == "full" else "")
 
 
 # ---------------------------------------------------------------- prices
@@ -387,10 +387,10 @@ def _no_fit_advice(spec: RunSpec, strategy: str, world: int, gpu: Gpu, memory: d
     head = f"does not fit: {strategy} on {gpu.name} needs more than {usable_bytes(gpu) / GIB:.1f} GiB"
     head += " even at micro-batch 1" if 1 in _micro_candidates(spec, world) else ""
     settings = {
-        "ddp": "train.parallel=ddp train.activation_checkpointing=false",
-        "ddp+ckpt": "train.parallel=ddp train.activation_checkpointing=true",
-        "fsdp": "train.parallel=fsdp train.activation_checkpointing=false",
-        "fsdp+ckpt": "train.parallel=fsdp train.activation_checkpointing=true",
+        "ddp": "train.parallel=ddp train.activation_checkpointing=none",
+        "ddp+ckpt": "train.parallel=ddp train.activation_checkpointing=full",
+        "fsdp": "train.parallel=fsdp train.activation_checkpointing=none",
+        "fsdp+ckpt": "train.parallel=fsdp train.activation_checkpointing=full",
     }
     # On one GPU train.py runs fsdp unsharded and in fp32: never advise it there.
     useful = STRATEGIES if world > 1 else ("ddp", "ddp+ckpt")

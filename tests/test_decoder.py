@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig, param_count, preset_names, resolve
-from model.decoder import Decoder
+from model import decoder
+from model.decoder import CHECKPOINTING, Decoder
 from model.generate import generate, top_k_filter, top_p_filter
 
 
@@ -54,14 +55,32 @@ def test_forward_shapes_and_loss_is_mean_cross_entropy_ignoring_minus_one():
     cfg = small_cfg()
     model = build(cfg)
     idx = tokens(cfg, 3, 20)
-    logits, loss = model(idx)
-    assert logits.shape == (3, 20, cfg.vocab_size) and loss is None
+    logits = model(idx)
+    assert logits.shape == (3, 20, cfg.vocab_size)
     targets = tokens(cfg, 3, 20, seed=2)
     targets[0, :7] = -1
-    _, loss = model(idx, targets)
+    loss = model(idx, targets)
     keep = targets.flatten() != -1
     expected = F.cross_entropy(logits.flatten(0, 1)[keep], targets.flatten()[keep])
     torch.testing.assert_close(loss, expected)
+
+
+def test_chunked_loss_matches_the_full_cross_entropy_and_its_gradients(monkeypatch):
+    """Split over several chunks (recomputed in backward), the loss and every gradient agree with one chunk."""
+    cfg = small_cfg()
+    idx, targets = tokens(cfg, 3, 20), tokens(cfg, 3, 20, seed=2)
+    targets[1, 3:9] = -1
+    results = []
+    for elements in (1 << 30, 7 * cfg.vocab_size):  # one chunk; then chunks of 7 tokens, the last one short
+        monkeypatch.setattr(decoder, "LOSS_CHUNK_ELEMENTS", elements)
+        model = build(cfg)
+        loss = model(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss1, grads1), (loss7, grads7) = results
+    torch.testing.assert_close(loss7, loss1, rtol=1e-6, atol=0)  # fp32 sums in another order
+    for name, g in grads1.items():
+        torch.testing.assert_close(grads7[name], g, rtol=1e-5, atol=1e-7)
 
 
 def test_init_is_bit_reproducible_and_gpt_style():
@@ -89,7 +108,7 @@ def test_rope_tables_are_not_saved_and_theta_matters():
     other.load_state_dict(model.state_dict())
     idx = tokens(cfg, 1, 16)
     with torch.no_grad():
-        assert (model(idx)[0] - other(idx)[0]).abs().max() > 1e-3
+        assert (model(idx) - other(idx)).abs().max() > 1e-3
 
 
 def test_meta_build_then_to_empty_and_init_weights_gives_a_working_model():
@@ -105,7 +124,7 @@ def test_meta_build_then_to_empty_and_init_weights_gives_a_working_model():
     reference.load_state_dict(model.state_dict())
     idx = tokens(cfg, 2, 16)
     with torch.no_grad():
-        torch.testing.assert_close(model(idx)[0], reference(idx)[0], rtol=0, atol=0)
+        torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- KV cache
@@ -117,10 +136,10 @@ def test_incremental_decoding_with_cache_matches_full_forward(n_kv_heads):
     model = build(cfg).eval()
     idx = tokens(cfg, 2, 24)
     with torch.no_grad():
-        full = model(idx)[0]
+        full = model(idx)
         cache = model.new_cache(2, 24)
         parts = [
-            model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 9), (9, 10), (10, 16), (16, 17), (17, 24))
+            model(idx[:, a:b], cache=cache) for a, b in ((0, 9), (9, 10), (10, 16), (16, 17), (17, 24))
         ]
     assert cache.length == 24
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
@@ -139,10 +158,10 @@ def test_rope_tables_extend_past_seq_len():
     model = build(cfg).eval()
     idx = tokens(cfg, 1, 40)
     with torch.no_grad():
-        full = model(idx)[0]
+        full = model(idx)
         cache = model.new_cache(1, 40)
-        steps = [model(idx[:, :10], cache=cache)[0]] + [
-            model(idx[:, t : t + 1], cache=cache)[0] for t in range(10, 40)
+        steps = [model(idx[:, :10], cache=cache)] + [
+            model(idx[:, t : t + 1], cache=cache) for t in range(10, 40)
         ]
     assert model.rope_cos.shape[0] >= 40
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
@@ -151,26 +170,40 @@ def test_rope_tables_extend_past_seq_len():
 # ---------------------------------------------------------------- training modes
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    cfg = small_cfg()
+def test_every_activation_checkpointing_level_gives_the_same_gradients():
+    cfg = small_cfg(n_layers=3)
     idx, targets = tokens(cfg, 2, 32), tokens(cfg, 2, 32, seed=5)
-    grads = []
-    for enabled in (False, True):
+    grads, recomputed = [], []
+    for level in CHECKPOINTING:
         model = build(cfg)
-        model.set_activation_checkpointing(enabled)
-        model(idx, targets)[1].backward()
+        model.set_activation_checkpointing(level)
+        calls = []
+        for i, block in enumerate(model.layers):
+            block.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+        model(idx, targets).backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+        recomputed.append(sorted(i for i in set(calls) if calls.count(i) == 2))
+    assert recomputed == [[], [1], [0, 1, 2]]  # none, selective (every other block), full
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            torch.testing.assert_close(other[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_level_is_checked():
+    model = build(small_cfg())
+    model.set_activation_checkpointing(True)
+    assert model.checkpointing == "full"
+    with pytest.raises(ValueError, match="none, selective, full"):
+        model.set_activation_checkpointing("some")
 
 
 def test_bf16_autocast_trains_and_loss_is_fp32():
     cfg = small_cfg()
     model = build(cfg)
     idx, targets = tokens(cfg, 2, 32), tokens(cfg, 2, 32, seed=5)
-    ref = model(idx, targets)[1].item()
+    ref = model(idx, targets).item()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, targets)
+        logits, loss = model(idx), model(idx, targets)
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -178,19 +211,26 @@ def test_bf16_autocast_trains_and_loss_is_fp32():
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager():
-    cfg = small_cfg()
+def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks():
+    """Compiled per block: the same function, and the alike blocks share one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    cfg = small_cfg(n_layers=3)
     model = build(cfg)
     idx, targets = tokens(cfg, 2, 32), tokens(cfg, 2, 32, seed=5)
-    eager_logits, eager_loss = model(idx, targets)
-    eager_loss.backward()
-    eager_grad = model.lm_head.weight.grad.clone()
+    eager_logits = model(idx)
+    model(idx, targets).backward()
+    eager_grad = model.layers[0].mlp.down_proj.weight.grad.clone()
     model.zero_grad()
-    compiled = torch.compile(model)
-    logits, loss = compiled(idx, targets)
-    loss.backward()
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_blocks()
+    model(idx, targets).backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    with torch.no_grad():
+        logits = model(idx)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(model.lm_head.weight.grad, eager_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.layers[0].mlp.down_proj.weight.grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- generation
@@ -205,7 +245,7 @@ def test_greedy_generation_is_argmax_of_full_forward():
     assert torch.equal(generate(model, prompt, 8, temperature=0), out)
     with torch.no_grad():
         for t in range(5, 13):
-            assert torch.equal(model(out[:, :t])[0][:, -1].argmax(-1), out[:, t])
+            assert torch.equal(model(out[:, :t])[:, -1].argmax(-1), out[:, t])
     assert torch.equal(generate(model, prompt, 8, temperature=0.7, top_k=1), out)
     assert model.training  # generate restores the mode it found
 

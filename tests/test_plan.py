@@ -237,7 +237,7 @@ def test_no_fit_suggests_a_strategy_or_a_bigger_gpu():
     assert (plan.micro_batch, plan.grad_accum) == (1, 512)  # ddp alone: only micro-batch 1 fits a 5090
     plan = make_plan(resolve("1b", ["train.activation_checkpointing=false"]), parse_gpu("RTX4090:8"))
     (note,) = [n for n in plan.notes if n.startswith("does not fit")]
-    assert "fsdp fits at micro-batch 2 (train.parallel=fsdp train.activation_checkpointing=false)" in note
+    assert "fsdp fits at micro-batch 2 (train.parallel=fsdp train.activation_checkpointing=none)" in note
 
 
 # ---------------------------------------------------------------- prices
