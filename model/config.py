@@ -91,8 +91,10 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA")
     compile: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    activation_checkpointing: Literal["none", "selective", "full"] = Field(
-        "none", description="recompute in backward: none, selective (every other block) or full (every block)"
+    activation_checkpointing: Literal["auto", "none", "selective", "full"] = Field(
+        "auto",
+        description="recompute in backward: none, selective (every other block), full (every block), or auto: "
+        "on a GPU, the level and micro_batch_size that fit and train fastest there (model/memory.py); none on CPU",
     )
     async_checkpoint: bool = Field(True, description="write checkpoints in a background thread")
 
@@ -165,6 +167,10 @@ class RunSpec(_Strict):
                 f"as a multiple of {world_size * self.train.micro_batch_size * self.model.seq_len}"
             )
         return seqs // (world_size * self.train.micro_batch_size)
+
+    def with_train(self, **changes: Any) -> RunSpec:
+        """This spec with train.* changed, validated as a whole (the batch must still split)."""
+        return validate({**self.model_dump(), "train": {**self.train.model_dump(), **changes}})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

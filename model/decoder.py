@@ -92,7 +92,12 @@ class Attention(nn.Module):
         q, k = apply_rope(qkv[:, : H + KV], cos, sin).split((H, KV), dim=1)  # q and k rotated in one go
         v = qkv[:, H + KV :]
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+            gqa = KV != H
+            if gqa and q.is_cuda and q.dtype == torch.float32:
+                # No fused CUDA kernel takes grouped K/V in fp32; the math fallback would keep T x T scores
+                # (2 GiB a layer at the 1b shape). Expanded, the memory-efficient kernel runs.
+                k, v, gqa = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1), False
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = cache.update(self.layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -200,7 +205,7 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, T, V] of `idx`; or, given targets (-1 = ignore), the mean cross-entropy alone.
 
-        Training asks for the loss only, so that no [B, T, V] logits outlive the step (see chunked_loss).
+        Training asks for the loss only, so that no [B, T, V] logits outlive the step (LinearCrossEntropy).
         """
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
@@ -224,27 +229,66 @@ class Decoder(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        return chunked_loss(x.flatten(0, 1), self.lm_head, targets.flatten())
+        return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
 
-def _chunk_loss_sum(x: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(x).float(), targets, ignore_index=-1, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ weight.T against targets (-1 = ignore), fused with its backward.
 
-
-def chunked_loss(x: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of head(x) against targets, a chunk of tokens at a time.
-
-    The fp32 logits of a whole micro-batch would be the largest tensor of a step (2 GiB at 16K tokens and a
-    32K vocabulary, and as much again for their gradient). Each chunk's logits are recomputed in backward
-    instead of kept: one more head matmul (~2% of a 1b step) for a peak of one chunk. A batch that fits in one
-    chunk is computed exactly as a plain cross-entropy is.
+    The fp32 logits of a whole micro-batch would be the largest tensors of a step (2 GiB at 16K tokens and a
+    32K vocabulary, and as much again for their gradient). Here a chunk of tokens at a time is projected,
+    its loss and its logits' gradient (softmax - one-hot) computed at once, and that gradient turned into
+    the chunk's input gradient and a share of the weight gradient right away; backward only scales them.
+    The peak is one chunk's logits, with no second projection (a recomputing checkpoint would need one).
+    Matmuls run in the compute dtype (bf16 under autocast) and the softmax in fp32, as autocast's own
+    cross-entropy would; the weight gradient is summed over chunks in fp32.
     """
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // head.weight.shape[0])
-    count = (targets != -1).sum().clamp(min=1)
-    if x.shape[0] <= chunk:
-        return _chunk_loss_sum(x, head, targets) / count
-    total = sum(
-        checkpoint(_chunk_loss_sum, x[s : s + chunk], head, targets[s : s + chunk], use_reentrant=False)
-        for s in range(0, x.shape[0], chunk)
-    )
-    return total / count
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grads: bool) -> torch.Tensor:
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        with torch.autocast(dev, enabled=False):
+            w, xs = weight.to(dtype), x.to(dtype)
+            count = (targets != -1).sum().clamp(min=1)
+            chunk = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+            total = torch.zeros((), dtype=torch.float32, device=x.device)
+            grad_x = torch.empty_like(x) if grads else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None
+            for s in range(0, x.shape[0], chunk):
+                xc = xs[s : s + chunk]
+                loss_sum, g = _softmax_cross_entropy(onednn.linear(xc, w), targets[s : s + chunk], count, grads)
+                total += loss_sum
+                if not grads:  # evaluation: the loss alone
+                    continue
+                g = g.to(dtype)
+                grad_x[s : s + chunk] = onednn.linear(g, w.t())  # g @ w
+                grad_w += onednn.linear(g.t(), xc.t())  # g.T @ x
+        if grads:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype), None, None
+
+
+def _softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor, grads: bool):
+    """Summed cross-entropy of one chunk, and (if grads) its gradient w.r.t. the logits of the loss / count."""
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    valid = targets != -1
+    safe = targets.clamp(min=0).unsqueeze(1)
+    loss_sum = -(logp.gather(1, safe).squeeze(1) * valid).sum()
+    if not grads:
+        return loss_sum, None
+    g = logp.exp_()
+    g.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=g.dtype))
+    g.mul_((valid / count).unsqueeze(1))
+    return loss_sum, g
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of x @ weight.T (x [N, d], targets [N]), never holding [N, V] logits."""
+    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(x, weight, targets, grads)

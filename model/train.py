@@ -39,6 +39,7 @@ from model.data import BatchLoader, eval_batches
 from model.decoder import Decoder
 from model.faults import fault_point
 from model.hardware import peak_flops
+from model.memory import choose
 from model.metrics import MetricsLogger
 from model.optim import build_optimizer, build_scheduler
 from model.staged import data_cache_dir, fetch_dataset, staged_manifest
@@ -103,6 +104,26 @@ def _any_rank(flag: bool, d: Dist) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def fit_to_device(spec: RunSpec, d: Dist) -> RunSpec:
+    """`activation_checkpointing: auto` made concrete: on a GPU, the level and micro-batch that fit its memory
+    and train fastest (model/memory.py, as `lmctl plan` shows); on a CPU, none at the config's micro-batch."""
+    if spec.train.activation_checkpointing != "auto":
+        return spec
+    if d.device.type != "cuda":
+        return spec.with_train(activation_checkpointing="none")
+    props = torch.cuda.get_device_properties(d.device)
+    chosen = choose(spec, d.world_size, props.total_memory)
+    if chosen is None:
+        raise ConfigError(
+            f"the model does not fit on {d.world_size} x {props.name} ({props.total_memory / 2**30:.0f} GiB) "
+            "at micro-batch 1 with any activation checkpointing; use more GPUs or train.parallel=fsdp"
+        )
+    level, micro = chosen
+    if d.main:
+        print(f"activation checkpointing {level}, micro-batch {micro}: what fits {props.name} and trains fastest")
+    return spec.with_train(activation_checkpointing=level, micro_batch_size=micro)
 
 
 def sharded(spec: RunSpec, d: Dist) -> bool:
@@ -206,6 +227,8 @@ def train(
             "data.path is not set: stage the dataset first (a folder or store URI with a manifest.json)"
         )
     d = setup_distributed(device)
+    spec = fit_to_device(spec, d)
+    t = spec.train
     if d.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
     if d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:

@@ -71,7 +71,8 @@ def resolve_spec(preset: str, overrides: list[str], wandb: bool = False) -> RunS
 
 def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
     """Everything a cloud run needs checked before money is spent: the GPU and cloud, a store the pods
-    reach, and a plan that fits (its micro-batch replaces the config's when that one would not fit)."""
+    reach, and a plan that fits. The plan's micro-batch replaces the config's when that one would not fit, and
+    `activation_checkpointing: auto` becomes the level and micro-batch that train fastest on that GPU."""
     from orchestrator.gpus import check_combination, parse_gpu, sky_resources
     from orchestrator.plan import make_plan
 
@@ -96,9 +97,9 @@ def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
     )
     if not plan.fits:
         raise ConfigError(f"the run does not fit: {plan.notes[-1] if plan.notes else 'see lmctl plan'}")
-    if plan.micro_batch != spec.train.micro_batch_size:
-        train = spec.train.model_copy(update={"micro_batch_size": plan.micro_batch})
-        spec = RunSpec.model_validate({**spec.model_dump(), "train": train.model_dump()})
+    chosen = {"micro_batch_size": plan.micro_batch, "activation_checkpointing": plan.checkpointing}
+    if any(getattr(spec.train, k) != v for k, v in chosen.items()):
+        spec = spec.with_train(**chosen)
     spec = _stage_what_it_trains_on(spec)
     resources = sky_resources(req, hw.cloud, hw.spot, hw.disk_size, hw.image, nodes=hw.nodes)
     if hw.managed:
@@ -197,7 +198,7 @@ def launch(
     store = store if store is not None else runs.default_store(root)  # '' is no store
     store = store.rstrip("/") if not store.rstrip("/").endswith(":") else store  # file:/// stays itself
     cloud_plan = plan_cloud(spec, hardware, store) if hardware else None
-    asked_micro = spec.train.micro_batch_size
+    asked = spec.train.micro_batch_size, spec.train.activation_checkpointing
     if cloud_plan:
         spec, workers = cloud_plan.spec, cloud_plan.workers
     _check_inputs(spec, workers, store)
@@ -219,7 +220,7 @@ def launch(
         record = runs.new_record(name, mode, "created", preset, store, workers, spec)
         if cloud_plan:
             _set_hardware(record, hardware, cloud_plan)
-            record.micro_batch_size = asked_micro
+            record.micro_batch_size, record.activation_checkpointing = asked
         runs.write_record(path, record)
         if cloud_plan:
             from orchestrator import cloud
@@ -338,11 +339,13 @@ def resume(name: str, root: Path | None = None, hardware: Hardware | None = None
 
 def _move(path: Path, record: runs.RunRecord, hw: Hardware) -> None:
     """Re-plan and re-render a cloud run for other hardware; the config keeps its global batch. The plan
-    starts from the micro-batch first asked for, so a move back to bigger GPUs regains it."""
+    starts from the micro-batch and checkpointing first asked for (auto chooses afresh), so a move back to
+    bigger GPUs regains them."""
     spec = load_spec(path / runs.CONFIG)
     if record.micro_batch_size:
-        train = spec.train.model_copy(update={"micro_batch_size": record.micro_batch_size})
-        spec = RunSpec.model_validate({**spec.model_dump(), "train": train.model_dump()})
+        spec = spec.with_train(micro_batch_size=record.micro_batch_size)
+    if record.activation_checkpointing:
+        spec = spec.with_train(activation_checkpointing=record.activation_checkpointing)
     cloud_plan = plan_cloud(spec, hw, record.store)
     _set_hardware(record, hw, cloud_plan)
     task = render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes)

@@ -1,42 +1,8 @@
 """`lmctl plan`: will this config fit on this GPU, how fast will it train, how long and at what cost.
 
-Memory per GPU, in bytes, for what model/train.py really holds (N = param_count, M = matmul_params,
-W = world size, T = micro_batch x seq_len tokens per forward, L layers, d = d_model, f = d_ff,
-kv = n_kv_heads x head_dim, H = n_heads, V = vocab_size):
-
-  weights     DDP:  4N fp32 master weights + 2M, the bf16 copies autocast makes of every matmul weight
-                    (kept for backward).
-              FSDP: 4N/W fp32 shards + p(R + 2B): the all-gathered p-byte params (p = 2 in bf16) of the
-                    root (embeddings, head, final norm: R params, gathered for the whole step) and of
-                    two blocks (B params each: the one computing and the one prefetched).
-  gradients   DDP:  4N fp32, plus 4N of DDP's all-reduce buckets when W > 1.
-              FSDP: 4N/W fp32 shards + p(R + B) unsharded gradients of the root and of one block, + 4B
-                    that block's fp32 copy for the reduce-scatter.
-  optimizer   AdamW exp_avg + exp_avg_sq in fp32: 8N (DDP), 8N/W (FSDP).
-  activations T x (L x A + head) without checkpointing; T x (L x r x d + A + head) with it, where
-              A = 16d + 8 + 4H + a(5d + 3kv + 4f) bytes per token per block:
-                16d + 8    each of the two RMSNorms keeps its input and its normalized output in fp32 and
-                           an fp32 rstd (PyTorch's composite rms_norm upcasts; a fused kernel keeps less,
-                           so this errs high)
-                a x 2d     the normed inputs the qkv and gate_up matmuls keep, in the compute dtype (a)
-                a x (d+2kv) the qkv projection (v is a view of it, kept by attention)
-                a x (d+kv) the rotated q and k
-                a x d      the attention output (= o_proj's input); 4H: attention's fp32 logsumexp
-                a x 4f     gate|up (2f), silu(gate) (f) and silu(gate) x up (f)
-              head = 8d + 4 + a x d + 16 per token: final norm, lm_head input, int64 token ids and
-              targets. Blocks + head + the loss's 4V are exactly what a forward on the CPU saves for
-              backward (tests/test_plan.py measures it). With checkpointing a block keeps only its input
-              x (r bytes: the residual stream is fp32 under DDP's autocast, whose embedding output is
-              fp32, and bf16 under FSDP) and one block is recomputed at a time. SDPA (flash attention)
-              stores no T^2 attention matrix.
-  logits      T x V x (a + 12): the a-byte logits the loop holds, the fp32 log-softmax output saved for
-              backward, and the fp32 gradients of the log-probs and of the logits (the loss upcasts).
-  overhead    1.5 GiB: CUDA context, cuBLAS/NCCL workspaces.
-  fits        total <= 90% of the GPU's memory (the rest absorbs allocator fragmentation).
-
-a = p = 2 bytes in bf16 ("auto" and "bf16" on a GPU), 4 in fp32. The checkpointed recompute and the loss
-peak do not coincide, so with checkpointing the sum errs high by at most one block. train.py neither
-shards nor autocasts when parallel=fsdp runs on one GPU; the model says so (fp32, unsharded).
+Memory per GPU comes from model/memory.py (its docstring has the formula, fitted to what a step really holds);
+with `train.activation_checkpointing: auto` (the bigger presets) the plan also chooses the checkpointing and the
+micro-batch that train fastest on the chosen GPU, and a cloud launch writes that choice into the run's config.
 
 Throughput: tokens/s = mfu x peak FLOP/s x W / flops_per_token; hours = token budget / tokens/s / 3600;
 cost = hours x W x USD per GPU-hour.
@@ -51,124 +17,32 @@ from pathlib import Path
 
 import yaml
 
-from model.config import RunSpec, flops_per_token, human, matmul_params, param_count
+from model.config import RunSpec, flops_per_token, human, param_count
 from model.errors import ConfigError
+from model.memory import (
+    GIB,
+    STRATEGIES,
+    USABLE_FRACTION,
+    Memory,
+    choose,
+    max_fitting_micro,
+    micro_candidates,
+    parse_strategy,
+    step_memory,
+    strategy_name,
+    usable_bytes,
+)
 from orchestrator.gpus import CATALOG, CLOUDS, Gpu, GpuRequest, check_combination, viable_clouds
 
 PRICES_PATH = Path(__file__).resolve().parent.parent / "configs" / "pricing" / "prices.yaml"
-GIB = 1 << 30
-USABLE_FRACTION = 0.90
-OVERHEAD_BYTES = int(1.5 * GIB)
-STRATEGIES = ("ddp", "ddp+ckpt", "fsdp", "fsdp+ckpt")
 
 
-# ---------------------------------------------------------------- memory
+def gpu_bytes(gpu: Gpu) -> int:
+    return int(gpu.memory_gb * GIB)
 
 
-@dataclass
-class Memory:
-    """Per-GPU bytes of one strategy at one micro-batch."""
-
-    strategy: str
-    micro_batch: int
-    weights: int
-    gradients: int
-    optimizer: int
-    activations: int
-    logits: int
-    overhead: int
-    total: int
-    fits: bool
-    max_micro_batch: int  # the largest micro-batch that fits and splits the global batch; 0: none
-
-
-def _bf16(spec: RunSpec) -> bool:
-    return spec.train.precision in ("auto", "bf16")  # auto is bf16 on a GPU, which is what we plan for
-
-
-def block_activation_bytes(spec: RunSpec, a: int) -> int:
-    """A: bytes one block keeps for backward per token, compute dtype of `a` bytes (see the module doc)."""
-    m = spec.model
-    d, f, kv, h = m.d_model, m.d_ff, m.n_kv_heads * m.head_dim, m.n_heads
-    return 16 * d + 8 + 4 * h + a * (5 * d + 3 * kv + 4 * f)
-
-
-def head_activation_bytes(spec: RunSpec, a: int) -> int:
-    """Per token outside the blocks: final norm, lm_head input, the int64 token ids and targets."""
-    d = spec.model.d_model
-    return 8 * d + 4 + a * d + 16
-
-
-def strategy_memory(spec: RunSpec, strategy: str, world: int, micro_batch: int, gpu: Gpu) -> Memory:
-    """The module doc's formula for one of STRATEGIES."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    m = spec.model
-    parallel, ckpt = strategy.removesuffix("+ckpt"), strategy.endswith("+ckpt")
-    bf16 = _bf16(spec)
-    sharded = parallel == "fsdp" and world > 1
-    autocast = bf16 and parallel == "ddp"  # train.py autocasts only outside FSDP
-    a = 2 if autocast or (bf16 and sharded) else 4  # compute dtype (FSDP: its MixedPrecisionPolicy)
-    r = 2 if bf16 and sharded else 4  # residual stream dtype
-    p = 2 if bf16 else 4  # FSDP's all-gathered params
-
-    n, mm = param_count(m), matmul_params(m)
-    root = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
-    block = (n - root) // m.n_layers
-    if sharded:
-        weights = 4 * n // world + p * (root + 2 * block)
-        gradients = 4 * n // world + p * (root + block) + 4 * block
-        optimizer = 8 * n // world
-    else:
-        weights = 4 * n + (2 * mm if autocast else 0)
-        gradients = 4 * n * (2 if world > 1 else 1)
-        optimizer = 8 * n
-
-    tokens = micro_batch * m.seq_len
-    per_block = block_activation_bytes(spec, a)
-    head = head_activation_bytes(spec, a)
-    if ckpt:
-        activations = tokens * (m.n_layers * r * m.d_model + per_block + head)
-    else:
-        activations = tokens * (m.n_layers * per_block + head)
-    logits = tokens * m.vocab_size * (a + 12)
-    total = weights + gradients + optimizer + activations + logits + OVERHEAD_BYTES
-    fits = total <= usable_bytes(gpu)
-    return Memory(
-        strategy,
-        micro_batch,
-        weights,
-        gradients,
-        optimizer,
-        activations,
-        logits,
-        OVERHEAD_BYTES,
-        total,
-        fits,
-        0,
-    )
-
-
-def usable_bytes(gpu: Gpu) -> int:
-    return int(gpu.memory_gb * GIB * USABLE_FRACTION)
-
-
-def _micro_candidates(spec: RunSpec, world: int) -> list[int]:
-    """Micro-batches that split the global batch evenly over `world`, largest first."""
-    per_rank = spec.global_batch_seqs // world
-    return [mb for mb in range(per_rank, 0, -1) if per_rank % mb == 0]
-
-
-def max_fitting_micro(spec: RunSpec, strategy: str, world: int, gpu: Gpu, upto: int | None = None) -> int:
-    """Largest micro-batch (<= upto) that splits the global batch and fits; 0 when none does."""
-    for mb in _micro_candidates(spec, world):
-        if (upto is None or mb <= upto) and strategy_memory(spec, strategy, world, mb, gpu).fits:
-            return mb
-    return 0
-
-
-def config_strategy(spec: RunSpec) -> str:
-    return spec.train.parallel + ("+ckpt" if spec.train.activation_checkpointing == "full" else "")
+def gpu_memory(spec: RunSpec, strategy: str, world: int, micro_batch: int, gpu: Gpu) -> Memory:
+    return step_memory(spec, strategy, world, micro_batch, gpu_bytes(gpu))
 
 
 # ---------------------------------------------------------------- prices
@@ -255,7 +129,9 @@ class Plan:
     spot: bool
     usable_fraction: float
     memory: dict[str, Memory]  # STRATEGIES -> per-GPU breakdown at `micro_batch` (the config's if none fits)
-    strategy: str  # the one the config asks for
+    strategy: str  # what the run will use: the config's, or the one `auto` chose
+    checkpointing: str  # the activation checkpointing level of `strategy` (none, selective, full)
+    auto: bool  # the config said activation_checkpointing=auto: the plan chose strategy and micro-batch
     fits: bool
     config_micro_batch: int
     micro_batch: int | None  # what it will use; None when nothing fits
@@ -312,10 +188,18 @@ def make_plan(
             f"train.global_batch_tokens as a multiple of {world * m.seq_len}"
         )
     notes: list[str] = []
-    strategy = config_strategy(spec)
-    micro = max_fitting_micro(spec, strategy, world, gpu, upto=t.micro_batch_size)
-    fits = micro > 0
-    if fits and micro != t.micro_batch_size:
+    memory_bytes = gpu_bytes(gpu)
+    auto = t.activation_checkpointing == "auto"
+    chosen = choose(spec, world, memory_bytes)
+    fits = chosen is not None
+    level, micro = chosen if fits else ("none" if auto else t.activation_checkpointing, 0)
+    strategy = strategy_name(t.parallel, level)
+    if auto and fits:
+        notes.append(
+            f"activation_checkpointing=auto: {level} at micro-batch {micro} trains fastest on {gpu.name} "
+            f"(set train.activation_checkpointing and train.micro_batch_size to choose yourself)"
+        )
+    elif fits and micro != t.micro_batch_size:
         why = "does not fit" if seqs % (world * t.micro_batch_size) == 0 else "does not split the batch"
         notes.append(
             f"train.micro_batch_size={t.micro_batch_size} {why} with {strategy} on {gpu.name}: "
@@ -324,13 +208,11 @@ def make_plan(
     shown = micro or min(t.micro_batch_size, seqs // world)
     memory = {}
     for s in STRATEGIES:
-        mem = strategy_memory(spec, s, world, shown, gpu)
-        mem.max_micro_batch = max_fitting_micro(spec, s, world, gpu)
+        mem = step_memory(spec, s, world, shown, memory_bytes)
+        mem.max_micro_batch = max_fitting_micro(spec, s, world, memory_bytes)
         memory[s] = mem
     if not fits:
         notes.append(_no_fit_advice(spec, strategy, world, gpu, memory))
-    if t.parallel == "fsdp" and world == 1:
-        notes.append("parallel=fsdp on one GPU neither shards nor autocasts (model/train.py): it runs fp32")
 
     fpt = flops_per_token(m)
     n = param_count(m)
@@ -363,6 +245,8 @@ def make_plan(
         usable_fraction=USABLE_FRACTION,
         memory=memory,
         strategy=strategy,
+        checkpointing=level,
+        auto=auto,
         fits=fits,
         config_micro_batch=t.micro_batch_size,
         micro_batch=micro or None,
@@ -384,20 +268,18 @@ def make_plan(
 
 def _no_fit_advice(spec: RunSpec, strategy: str, world: int, gpu: Gpu, memory: dict[str, Memory]) -> str:
     """One line: it does not fit; which strategy would, or which bigger GPUs would."""
-    head = f"does not fit: {strategy} on {gpu.name} needs more than {usable_bytes(gpu) / GIB:.1f} GiB"
-    head += " even at micro-batch 1" if 1 in _micro_candidates(spec, world) else ""
-    settings = {
-        "ddp": "train.parallel=ddp train.activation_checkpointing=none",
-        "ddp+ckpt": "train.parallel=ddp train.activation_checkpointing=full",
-        "fsdp": "train.parallel=fsdp train.activation_checkpointing=none",
-        "fsdp+ckpt": "train.parallel=fsdp train.activation_checkpointing=full",
-    }
-    # On one GPU train.py runs fsdp unsharded and in fp32: never advise it there.
-    useful = STRATEGIES if world > 1 else ("ddp", "ddp+ckpt")
+    head = f"does not fit: {strategy} on {gpu.name} needs more than {usable_bytes(gpu_bytes(gpu)) / GIB:.1f} GiB"
+    head += " even at micro-batch 1" if 1 in micro_candidates(spec, world) else ""
+    # On one GPU train.py does not shard: fsdp there is ddp's memory, never advise it.
+    useful = STRATEGIES if world > 1 else tuple(s for s in STRATEGIES if s.startswith("ddp"))
     for s in useful:
         if memory[s].max_micro_batch:
-            return f"{head}; {s} fits at micro-batch {memory[s].max_micro_batch} ({settings[s]})"
-    bigger = [g.name for g in CATALOG.values() if any(max_fitting_micro(spec, s, world, g) for s in useful)]
+            parallel, level = parse_strategy(s)
+            settings = f"train.parallel={parallel} train.activation_checkpointing={level}"
+            return f"{head}; {s} fits at micro-batch {memory[s].max_micro_batch} ({settings})"
+    bigger = [
+        g.name for g in CATALOG.values() if any(max_fitting_micro(spec, s, world, gpu_bytes(g)) for s in useful)
+    ]
     gpus = f"{world} GPU" + ("s" if world > 1 else "")
     if bigger:
         return f"{head}; nothing fits on {gpus} of this kind: use more GPUs or one of {', '.join(bigger)}"
@@ -470,21 +352,22 @@ def plan_renderable(plan: Plan):
         collapse_padding=True,
     )
     mem.add_column("strategy", no_wrap=True)
-    for col in ("weights", "grads", "optim", "activ", "logits", "other", "total"):
+    for col in ("weights", "grads", "optim", "activ", "loss", "other", "total"):
         mem.add_column(col, justify="right", min_width=len(col))
     mem.add_column("fits", min_width=4)
     mem.add_column("max mb", justify="right", min_width=6)
     for name, r in plan.memory.items():
         mark = Text("✓", style="green") if r.fits else Text("✗", style="red")
-        label = f"{name} *" if name == plan.strategy else name
+        label = name.replace("selective", "sel") + (" *" if name == plan.strategy else "")
         mem.add_row(
             label,
-            *(_gib(v) for v in (r.weights, r.gradients, r.optimizer, r.activations, r.logits, r.overhead)),
+            *(_gib(v) for v in (r.weights, r.gradients, r.optimizer, r.activations, r.loss, r.overhead)),
             Text(_gib(r.total), style="bold"),
             mark,
             str(r.max_micro_batch or "-"),
         )
-    legend = "* the config's strategy; optim: AdamW state; activ: activations; other: CUDA context etc.; "
+    legend = "* the run's strategy" + (" (auto)" if plan.auto else "") + "; sel: selective checkpointing; "
+    legend += "optim: AdamW state; activ: activations; other: CUDA context, workspaces; "
     legend += "max mb: the largest micro-batch that fits"
     parts = [summary, mem, Text(legend, style="dim")]
     parts += [Text(f"note: {n}", style="yellow") for n in plan.notes]

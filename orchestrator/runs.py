@@ -169,6 +169,7 @@ class RunRecord:
     disk_size: int | None = None  # GB per node
     image: str | None = None
     micro_batch_size: int | None = None  # what the config asked for, before a plan lowered it to fit
+    activation_checkpointing: str | None = None  # likewise, before a plan resolved `auto`
     job_id: int | None = None
     cluster: str | None = None
     price_per_hour: float | None = None  # USD for all the run's GPUs, from the plan
