@@ -17,7 +17,7 @@ and records its figures as it goes, so a stage cut short still reports what it m
   rtx5090     the 1b step inside 32 GB (torch.cuda.set_per_process_memory_fraction): fits, peak vs plan
   resume      train() on CUDA at the 1b width (2 layers): stop, resume, compare losses with an uninterrupted run
   stall       the checkpoint stall as train() sees it (file:// store), per save and per step
-  pytest      the test files that run without Ray/S3 on this machine, CUDA-only tests included
+  pytest      the CUDA tests: pytest -m gpu
 
 Results: bench/results/gpu_check.json (and $OUT/gpu_check.json when OUT is set); a summary table is printed last.
 """
@@ -46,30 +46,23 @@ STAGES: list[tuple[str, int]] = [
     ("cuda_paths", 60),
     ("throughput", 210),
     ("attention", 35),
-    ("rtx5090", 80),
+    ("rtx5090", 60),
+    ("pytest", 90),
     ("resume", 60),
     ("stall", 60),
-    ("pytest", 90),
 ]
-PYTEST_FILES = [
-    "tests/test_decoder.py",
-    "tests/test_checkpoint.py",
-    "tests/test_data.py",
-    "tests/test_train.py",
-    "tests/test_optim.py",
-    "tests/test_export_hf.py",
-]
-# 1b throughput variants: (activation checkpointing, micro-batch, compiled), most informative first
+# 1b throughput variants: (activation checkpointing, micro-batch, compiled, precision), most informative first:
+# the plan's choice for an H200 and for an 80 GB H100, then the alternatives
 THROUGHPUT_VARIANTS = [
-    ("none", 8, True),
-    ("none", 16, True),
-    ("full", 16, True),
-    ("selective", 16, True),
-    ("none", 4, True),
-    ("none", 8, False),
-    ("full", 32, True),
+    ("none", 32, True, "bf16"),
+    ("none", 16, True, "bf16"),
+    ("none", 2, True, "fp32"),
+    ("none", 8, True, "bf16"),
+    ("selective", 16, True, "bf16"),
+    ("full", 16, True, "bf16"),
+    ("none", 8, False, "bf16"),
 ]
-RTX5090_VARIANTS = [("full", 4, True), ("selective", 4, True), ("full", 8, True), ("none", 2, True)]
+RTX5090_VARIANTS = [("none", 2, True, "bf16"), ("selective", 4, True, "bf16"), ("full", 8, True, "bf16")]
 
 
 # ---------------------------------------------------------------- recording
@@ -103,8 +96,12 @@ def attempt(rec: Recorder, key: str, fn: Callable[[], object]) -> None:
         rec[key] = {"ok": True, "s": round(time.perf_counter() - t0, 2), **(out or {})}
     except Exception as e:  # a check that fails is a finding, not the end of the stage
         tb = traceback.format_exc().splitlines()[-6:]
-        rec[key] = {"ok": False, "s": round(time.perf_counter() - t0, 2), "error": f"{type(e).__name__}: {e}"[:600],
-                    "trace": tb}
+        rec[key] = {
+            "ok": False,
+            "s": round(time.perf_counter() - t0, 2),
+            "error": f"{type(e).__name__}: {e}"[:600],
+            "trace": tb,
+        }
         print(f"  {key}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         _free_cuda()
 
@@ -163,11 +160,21 @@ def one_b(args, *overrides: str):
     """The 1b preset (or a toy shape with --small) with overrides."""
     from model.config import resolve
 
-    small = [
-        "model.vocab_size=2048", "model.d_model=128", "model.n_layers=2", "model.n_heads=4",
-        "model.n_kv_heads=2", "model.d_ff=256", "model.seq_len=128", "train.global_batch_tokens=1024",
-        "train.micro_batch_size=1",
-    ] if args.small else []
+    small = (
+        [
+            "model.vocab_size=2048",
+            "model.d_model=128",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.d_ff=256",
+            "model.seq_len=128",
+            "train.global_batch_tokens=1024",
+            "train.micro_batch_size=1",
+        ]
+        if args.small
+        else []
+    )
     return resolve("1b", [*small, *overrides])
 
 
@@ -178,18 +185,29 @@ def stage_env(args, rec: Recorder) -> None:
     import torch
 
     rec["environment"] = environment()
-    rec["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
-                    "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    rec["torch"] = {
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
     if not torch.cuda.is_available():
         rec["gpu"] = None
         return
     p = torch.cuda.get_device_properties(0)
-    rec["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_bytes": p.total_memory,
-                  "sms": p.multi_processor_count}
+    rec["gpu"] = {
+        "name": p.name,
+        "capability": f"{p.major}.{p.minor}",
+        "memory_bytes": p.total_memory,
+        "sms": p.multi_processor_count,
+    }
     try:
         q = "name,driver_version,memory.total,clocks.max.sm,clocks.sm,power.limit,temperature.gpu"
-        smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        smi = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         rec["nvidia_smi"] = {"fields": q, "value": smi.stdout.strip()}
     except (OSError, subprocess.TimeoutExpired) as e:
         rec["nvidia_smi"] = {"error": str(e)}
@@ -197,8 +215,13 @@ def stage_env(args, rec: Recorder) -> None:
     def matmul():
         out = {}
         for n in (4096, 8192):
-            sets = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
-                     torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+            sets = [
+                (
+                    torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+                    torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+                )
+                for _ in range(3)
+            ]
             i = iter(range(10**9))
             s = median_seconds(lambda: torch.mm(*sets[next(i) % 3]), reps=30, warmup=5)
             out[f"bf16_{n}_tflops"] = 2 * n**3 / s / 1e12
@@ -268,8 +291,13 @@ def stage_cuda_paths(args, rec: Recorder) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         backend = "nccl" if dev == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                device_id=torch.device("cuda", 0) if dev == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=1,
+            device_id=torch.device("cuda", 0) if dev == "cuda" else None,
+        )
         t = torch.ones(4, device=dev)
         dist.all_reduce(t)
         assert t.sum().item() == 4
@@ -310,7 +338,8 @@ def stage_cuda_paths(args, rec: Recorder) -> None:
         torch.manual_seed(0)
         m = Decoder(spec.model).to(dev)
         w = torch.nn.parallel.DistributedDataParallel(
-            m, device_ids=[0] if dev == "cuda" else None, gradient_as_bucket_view=True)
+            m, device_ids=[0] if dev == "cuda" else None, gradient_as_bucket_view=True
+        )
         opt = build_optimizer(m, spec.train)
         x = torch.randint(0, spec.model.vocab_size, (4, 64), device=dev)
         with torch.autocast(dev, dtype=torch.bfloat16):
@@ -327,42 +356,58 @@ def stage_cuda_paths(args, rec: Recorder) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = staged_corpus(Path(tmp) / "data")
             for parallel in ("ddp", "fsdp"):
-                s = resolve("tiny", [f"data.path={data}", "train.steps=6", "train.log_every=1",
-                                     "train.eval_every=3", "train.checkpoint_every=3", f"train.parallel={parallel}"])
+                s = resolve(
+                    "tiny",
+                    [
+                        f"data.path={data}",
+                        "train.steps=6",
+                        "train.log_every=1",
+                        "train.eval_every=3",
+                        "train.checkpoint_every=3",
+                        f"train.parallel={parallel}",
+                    ],
+                )
                 if dev == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 run = Path(tmp) / parallel
                 t0 = time.perf_counter()
                 res = train(s, run, device=dev)
                 losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-                out[parallel] = {"step": res.step, "losses": losses, "s": time.perf_counter() - t0,
-                                 "peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None}
+                out[parallel] = {
+                    "step": res.step,
+                    "losses": losses,
+                    "s": time.perf_counter() - t0,
+                    "peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
+                }
         # the same model and data: one-GPU FSDP must train like DDP, in bf16 (its losses match DDP's closely)
         gap = max(abs(a - b) for a, b in zip(out["ddp"]["losses"], out["fsdp"]["losses"], strict=True))
         out["max_loss_gap"] = gap
         assert gap < 0.05, f"fsdp and ddp losses differ by {gap}"
         return out
 
-    for key, fn in [("autocast_bf16", autocast_bf16), ("rng", rng), ("pinned", pinned),
-                    ("one_rank_group", one_rank_group), ("fsdp2", fsdp2), ("ddp", ddp), ("train", train_loops)]:
+    for key, fn in [
+        ("autocast_bf16", autocast_bf16),
+        ("rng", rng),
+        ("pinned", pinned),
+        ("one_rank_group", one_rank_group),
+        ("fsdp2", fsdp2),
+        ("ddp", ddp),
+        ("train", train_loops),
+    ]:
         attempt(rec, key, fn)
 
 
-def _plan_bytes(spec, level: str, mb: int, gpu_name: str) -> int | None:
-    """What orchestrator.plan predicts for this (world 1) config, where it models the level."""
+def _plan_bytes(spec, level: str, mb: int) -> int | str:
+    """What model/memory.py predicts torch.cuda.max_memory_allocated() shows for this config (one GPU)."""
     try:
-        from orchestrator.gpus import CATALOG
-        from orchestrator.plan import strategy_memory
+        from model.memory import step_memory, strategy_name
 
-        strategy = {"none": "ddp", "full": "ddp+ckpt"}.get(level)
-        if strategy is None:
-            return None
-        return strategy_memory(spec, strategy, 1, mb, CATALOG[gpu_name]).total
-    except Exception as e:  # the plan's own errors are findings too
+        return step_memory(spec, strategy_name("ddp", level), 1, mb, 1 << 40).allocated
+    except Exception as e:  # the model's own errors are findings too
         return f"error: {e}"
 
 
-def _throughput(args, rec: Recorder, variants, gpu_name: str, key: str) -> None:
+def _throughput(args, rec: Recorder, variants, key: str) -> None:
     """Time optimizer steps of the 1b config through train_step, one variant after another."""
     import contextlib
 
@@ -384,15 +429,27 @@ def _throughput(args, rec: Recorder, variants, gpu_name: str, key: str) -> None:
     accum, warm, timed = (2, 2, 3) if not args.small else (1, 1, 2)
     raw = opt = sched = None
     compiled_now = None
-    for level, mb, compiled in variants:
-        spec = one_b(args, f"train.micro_batch_size={mb}", f"train.activation_checkpointing={level}",
-                     f"train.global_batch_tokens={mb * accum * (128 if args.small else 2048)}")
+    for level, mb, compiled, precision in variants:
+        spec = one_b(
+            args,
+            f"train.micro_batch_size={mb}",
+            f"train.activation_checkpointing={level}",
+            f"train.global_batch_tokens={mb * accum * (128 if args.small else 2048)}",
+            f"train.compile={str(compiled).lower()}",
+            f"train.precision={precision}",
+        )
         m = spec.model
-        row = {"checkpointing": level, "micro_batch": mb, "compile": compiled, "accum": accum,
-               "plan_bytes": _plan_bytes(spec, level, mb, gpu_name)}
+        row = {
+            "checkpointing": level,
+            "micro_batch": mb,
+            "compile": compiled,
+            "precision": precision,
+            "accum": accum,
+            "plan_bytes": _plan_bytes(spec, level, mb),
+        }
         t0 = time.perf_counter()
         try:
-            if raw is None or compiled != compiled_now:
+            if raw is None or (compiled, precision) != compiled_now:
                 raw = opt = sched = None
                 _free_cuda()
                 torch.manual_seed(0)
@@ -401,12 +458,17 @@ def _throughput(args, rec: Recorder, variants, gpu_name: str, key: str) -> None:
                     raw.compile_blocks()
                 opt = build_optimizer(raw, spec.train)
                 sched = build_scheduler(opt, spec.train)
-                compiled_now = compiled
+                compiled_now = compiled, precision
             raw.set_activation_checkpointing(level)
             g = torch.Generator(device="cpu").manual_seed(mb)
-            batches = [(lambda tok: (tok[:, :-1].to(dev), tok[:, 1:].to(dev)))(
-                torch.randint(0, m.vocab_size, (mb, m.seq_len + 1), generator=g)) for _ in range(accum)]
-            autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if dev == "cuda" else contextlib.nullcontext
+            batches = [
+                (lambda tok: (tok[:, :-1].to(dev), tok[:, 1:].to(dev)))(
+                    torch.randint(0, m.vocab_size, (mb, m.seq_len + 1), generator=g)
+                )
+                for _ in range(accum)
+            ]
+            bf16 = dev == "cuda" and precision == "bf16"
+            autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             losses = []
@@ -422,23 +484,35 @@ def _throughput(args, rec: Recorder, variants, gpu_name: str, key: str) -> None:
             step_s = (time.perf_counter() - t1) / timed
             tok_s = mb * accum * m.seq_len / step_s
             fpt = flops_per_token(m)
-            row |= {"step_s": step_s, "tokens_per_s": tok_s, "losses": losses,
-                    "tflops": tok_s * fpt / 1e12,
-                    "mfu": tok_s * fpt / peak if peak else None,
-                    "of_ceiling": tok_s * fpt / ceiling if ceiling else None}
+            row |= {
+                "step_s": step_s,
+                "tokens_per_s": tok_s,
+                "losses": losses,
+                "tflops": tok_s * fpt / 1e12,
+                "mfu": tok_s * fpt / peak if peak else None,
+                "of_ceiling": tok_s * fpt / ceiling if ceiling else None,
+            }
             if dev == "cuda":
-                row |= {"peak_bytes": torch.cuda.max_memory_allocated(),
-                        "peak_reserved": torch.cuda.max_memory_reserved()}
-            print(f"  {key} {level:9s} mb={mb:<3d} compile={compiled!s:5s} {tok_s:10.0f} tok/s "
-                  f"mfu={row['mfu'] or 0:.3f} peak={row.get('peak_bytes', 0) / 2**30:.1f} GiB "
-                  f"plan={row['plan_bytes'] / 2**30 if isinstance(row['plan_bytes'], int) else '-'}", flush=True)
+                row |= {
+                    "peak_bytes": torch.cuda.max_memory_allocated(),
+                    "peak_reserved": torch.cuda.max_memory_reserved(),
+                }
+            print(
+                f"  {key} {level:9s} mb={mb:<3d} compile={compiled!s:5s} {precision} {tok_s:10.0f} tok/s "
+                f"mfu={row['mfu'] or 0:.3f} peak={row.get('peak_bytes', 0) / 2**30:.1f} GiB "
+                f"plan={row['plan_bytes'] / 2**30 if isinstance(row['plan_bytes'], int) else '-'}",
+                flush=True,
+            )
         except torch.OutOfMemoryError as e:
             row |= {"oom": True, "error": str(e).splitlines()[0][:300]}
             print(f"  {key} {level} mb={mb}: out of memory", flush=True)
             raw = opt = sched = None
             _free_cuda()
         except Exception as e:
-            row |= {"error": f"{type(e).__name__}: {e}"[:600], "trace": traceback.format_exc().splitlines()[-8:]}
+            row |= {
+                "error": f"{type(e).__name__}: {e}"[:600],
+                "trace": traceback.format_exc().splitlines()[-8:],
+            }
             print(f"  {key} {level} mb={mb}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             raw = opt = sched = None
             _free_cuda()
@@ -451,7 +525,20 @@ def stage_throughput(args, rec: Recorder) -> None:
     from model.config import flops_per_token
 
     rec["flops_per_token"] = flops_per_token(one_b(args).model)
-    _throughput(args, rec, THROUGHPUT_VARIANTS if not args.small else THROUGHPUT_VARIANTS[:3], "H200", "variants")
+    _record_choice(args, rec)
+    _throughput(args, rec, THROUGHPUT_VARIANTS if not args.small else THROUGHPUT_VARIANTS[:3], "variants")
+
+
+def _record_choice(args, rec: Recorder) -> None:
+    """What `activation_checkpointing: auto` picks for the memory this stage has."""
+    import torch
+
+    from model.memory import choose
+
+    total = rec.data.get("plan_gpu_bytes") or (
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 32 << 30
+    )
+    rec["auto_choice"] = choose(one_b(args), 1, total)
 
 
 def stage_rtx5090(args, rec: Recorder) -> None:
@@ -466,8 +553,9 @@ def stage_rtx5090(args, rec: Recorder) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
         rec["memory_fraction"] = budget / total
         rec["allocator_budget_bytes"] = budget
-        rec["catalog_gb"] = CATALOG["RTX5090"].memory_gb
-    _throughput(args, rec, RTX5090_VARIANTS if not args.small else RTX5090_VARIANTS[:1], "RTX5090", "variants")
+        rec["plan_gpu_bytes"] = CATALOG["RTX5090"].memory_gb << 30  # what the plan assumes for the card
+    _record_choice(args, rec)
+    _throughput(args, rec, RTX5090_VARIANTS if not args.small else RTX5090_VARIANTS[:1], "variants")
 
 
 def stage_attention(args, rec: Recorder) -> None:
@@ -522,14 +610,21 @@ def stage_attention(args, rec: Recorder) -> None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             y.sum().backward()
             _sync()
-        names = sorted({e.key for e in prof.key_averages() if any(
-            w in e.key.lower() for w in ("flash", "cudnn", "efficient", "fmha", "attention", "math"))})
+        names = sorted(
+            {
+                e.key
+                for e in prof.key_averages()
+                if any(
+                    w in e.key.lower() for w in ("flash", "cudnn", "efficient", "fmha", "attention", "math")
+                )
+            }
+        )
         return {"ops_and_kernels": names[:20]}
 
     attempt(rec, "default_kernels", default_kernels)
 
     def loss_compare():
-        from model.decoder import Linear, chunked_loss
+        from model.decoder import Linear, linear_cross_entropy
 
         N, d, V = (16384, 2048, 32768) if not args.small else (512, 64, 2048)
         head = Linear(d, V).to(dev)
@@ -538,21 +633,25 @@ def stage_attention(args, rec: Recorder) -> None:
         out = {}
         for name, fn in (
             ("full", lambda: F.cross_entropy(head(x).float(), y)),
-            ("chunked", lambda: chunked_loss(x, head, y)),
+            ("fused", lambda: linear_cross_entropy(x, head.weight, y)),
         ):
+
             def step(fn=fn):
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
                     loss = fn()
                 loss.backward()
                 return loss
+
             step()
             _sync()
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             s = median_seconds(step, reps=5, warmup=1)
-            out[name] = {"ms": s * 1e3,
-                         "peak_extra_bytes": torch.cuda.max_memory_allocated() - base if dev == "cuda" else None}
+            out[name] = {
+                "ms": s * 1e3,
+                "peak_extra_bytes": torch.cuda.max_memory_allocated() - base if dev == "cuda" else None,
+            }
             x.grad = None
             head.weight.grad = None
         return out
@@ -578,13 +677,27 @@ def stage_resume(args, rec: Recorder) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = staged_corpus(Path(tmp) / "data")
         width = [] if args.small else ["model.n_layers=2"]
-        spec = one_b(args, *width, f"data.path={data}", "train.steps=6", "train.log_every=1",
-                     "train.eval_every=3", "train.eval_batches=2", "train.checkpoint_every=100",
-                     "train.keep_checkpoints=1", "train.warmup_steps=2", "train.compile=false",
-                     "train.activation_checkpointing=none",
-                     f"train.global_batch_tokens={spec_tokens(args)}")
-        rec["config"] = {"n_layers": spec.model.n_layers, "d_model": spec.model.d_model,
-                         "micro_batch": spec.train.micro_batch_size, "seq_len": spec.model.seq_len}
+        spec = one_b(
+            args,
+            *width,
+            f"data.path={data}",
+            "train.steps=6",
+            "train.log_every=1",
+            "train.eval_every=3",
+            "train.eval_batches=2",
+            "train.checkpoint_every=100",
+            "train.keep_checkpoints=1",
+            "train.warmup_steps=2",
+            "train.compile=false",
+            "train.activation_checkpointing=none",
+            f"train.global_batch_tokens={spec_tokens(args)}",
+        )
+        rec["config"] = {
+            "n_layers": spec.model.n_layers,
+            "d_model": spec.model.d_model,
+            "micro_batch": spec.train.micro_batch_size,
+            "seq_len": spec.model.seq_len,
+        }
 
         def losses(run):
             return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
@@ -626,10 +739,18 @@ def stage_stall(args, rec: Recorder) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = staged_corpus(Path(tmp) / "data")
         width = [] if args.small else ["model.n_layers=2"]
-        base = [*width, f"data.path={data}", "train.steps=10", "train.log_every=1", "train.eval_every=1000",
-                "train.keep_checkpoints=2", "train.compile=false", "train.activation_checkpointing=none",
-                f"train.micro_batch_size={1 if args.small else 4}",
-                f"train.global_batch_tokens={(1 if args.small else 4) * (128 if args.small else 2048)}"]
+        base = [
+            *width,
+            f"data.path={data}",
+            "train.steps=10",
+            "train.log_every=1",
+            "train.eval_every=1000",
+            "train.keep_checkpoints=2",
+            "train.compile=false",
+            "train.activation_checkpointing=none",
+            f"train.micro_batch_size={1 if args.small else 4}",
+            f"train.global_batch_tokens={(1 if args.small else 4) * (128 if args.small else 2048)}",
+        ]
         for name, every in (("no_saves", 1000), ("save_every_4", 4)):
             spec = one_b(args, *base, f"train.checkpoint_every={every}")
             stamps = []
@@ -644,17 +765,24 @@ def stage_stall(args, rec: Recorder) -> None:
             total = time.perf_counter() - t0
             gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
             med = statistics.median(gaps)
-            rec[name] = {"train_s": total, "step_gaps_s": gaps, "median_step_s": med,
-                         "excess_s": sum(g - med for g in gaps if g > med)}
-        state_bytes = sum(f.stat().st_size for f in (Path(tmp) / "save_every_4").rglob("*")
-                          if f.is_file() and "step_" in str(f))
+            rec[name] = {
+                "train_s": total,
+                "step_gaps_s": gaps,
+                "median_step_s": med,
+                "excess_s": sum(g - med for g in gaps if g > med),
+            }
+        state_bytes = sum(
+            f.stat().st_size
+            for f in (Path(tmp) / "save_every_4").rglob("*")
+            if f.is_file() and "step_" in str(f)
+        )
         rec["store_bytes_kept"] = state_bytes
         a, b = rec.data["no_saves"], rec.data["save_every_4"]
         rec["stall_per_save_s"] = (b["excess_s"] - a["excess_s"]) / 2  # saves at 4 and 8 fall inside the log
 
 
 def stage_pytest(args, rec: Recorder) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *PYTEST_FILES]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "-m", "gpu", "tests"]
     log = Path(args.stage_out).with_suffix(".log")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
@@ -671,8 +799,13 @@ def stage_pytest(args, rec: Recorder) -> None:
 
 
 STAGE_FUNCS = {
-    "env": stage_env, "cuda_paths": stage_cuda_paths, "throughput": stage_throughput,
-    "attention": stage_attention, "rtx5090": stage_rtx5090, "resume": stage_resume, "stall": stage_stall,
+    "env": stage_env,
+    "cuda_paths": stage_cuda_paths,
+    "throughput": stage_throughput,
+    "attention": stage_attention,
+    "rtx5090": stage_rtx5090,
+    "resume": stage_resume,
+    "stall": stage_stall,
     "pytest": stage_pytest,
 }
 
@@ -699,8 +832,19 @@ def run_stages(args) -> dict:
                 results["stages"][name] = {"skipped": f"{left:.0f} s of the budget left"}
                 continue
             out = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, "-m", "bench.gpu_check", "--stage", name, "--stage-out", str(out),
-                   "--device", args.device, "--stage-budget", str(int(box))]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.gpu_check",
+                "--stage",
+                name,
+                "--stage-out",
+                str(out),
+                "--device",
+                args.device,
+                "--stage-budget",
+                str(int(box)),
+            ]
             if args.small:
                 cmd.append("--small")
             if ceiling:
@@ -726,7 +870,9 @@ def write_results(args, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        Path(os.environ["OUT"], "gpu_check.json").write_text(
+            json.dumps(results, indent=1, default=str) + "\n"
+        )
 
 
 def summary(results: dict) -> None:
@@ -737,34 +883,59 @@ def summary(results: dict) -> None:
         print(f"{name:11s} {data.get('status', data.get('skipped', '?')):10s} {data.get('wall_s', 0):6.1f} s")
     env = st.get("env", {})
     if env.get("gpu"):
-        print(f"GPU {env['gpu']['name']}  torch {env['torch']['version']}  CUDA {env['torch']['cuda']}  "
-              f"cuDNN {env['torch']['cudnn']}  matmul {env.get('matmul', {}).get('bf16_8192_tflops', 0):.0f} "
-              f"TFLOP/s  copy {env.get('copy', {}).get('d2d_gbps', 0):.0f} GB/s")
-    bad = [f"{k}: {v.get('error')}" for k, v in st.get("cuda_paths", {}).items()
-           if isinstance(v, dict) and v.get("ok") is False]
+        print(
+            f"GPU {env['gpu']['name']}  torch {env['torch']['version']}  CUDA {env['torch']['cuda']}  "
+            f"cuDNN {env['torch']['cudnn']}  matmul {env.get('matmul', {}).get('bf16_8192_tflops', 0):.0f} "
+            f"TFLOP/s  copy {env.get('copy', {}).get('d2d_gbps', 0):.0f} GB/s"
+        )
+    bad = [
+        f"{k}: {v.get('error')}"
+        for k, v in st.get("cuda_paths", {}).items()
+        if isinstance(v, dict) and v.get("ok") is False
+    ]
     print("cuda paths: " + ("all ok" if not bad and "cuda_paths" in st else "; ".join(bad)[:600]))
     for stage in ("throughput", "rtx5090"):
         for r in st.get(stage, {}).get("variants", []):
             plan = r.get("plan_bytes")
-            print(f"{stage:10s} {r['checkpointing']:9s} mb={r['micro_batch']:<3d} compile={r['compile']!s:5s} "
-                  + (f"{r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu'] or 0:.3f}  ceiling {r['of_ceiling'] or 0:.3f}  "
-                     f"peak {r.get('peak_bytes', 0) / 2**30:5.1f} GiB  plan "
-                     f"{plan / 2**30 if isinstance(plan, int) else float('nan'):5.1f} GiB"
-                     if "tokens_per_s" in r else ("OOM" if r.get("oom") else r.get("error", "?")[:120])))
+            print(
+                f"{stage:10s} {r['checkpointing']:9s} mb={r['micro_batch']:<3d} compile={r['compile']!s:5s} "
+                f"{r.get('precision', 'bf16')} "
+                + (
+                    f"{r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu'] or 0:.3f}  ceiling {r['of_ceiling'] or 0:.3f}  "
+                    f"peak {r.get('peak_bytes', 0) / 2**30:5.1f} GiB  plan "
+                    f"{plan / 2**30 if isinstance(plan, int) else float('nan'):5.1f} GiB"
+                    if "tokens_per_s" in r
+                    else ("OOM" if r.get("oom") else r.get("error", "?")[:120])
+                )
+            )
+    for stage in ("throughput", "rtx5090"):
+        if st.get(stage, {}).get("auto_choice"):
+            print(f"{stage}: activation_checkpointing=auto picks {st[stage]['auto_choice']}")
     att = st.get("attention", {})
     times = {k: v["ms"] for k, v in att.items() if isinstance(v, dict) and "ms" in v}
     if times:
-        print("attention fwd+bwd ms: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(times.items(), key=lambda x: x[1])))
+        print(
+            "attention fwd+bwd ms: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(times.items(), key=lambda x: x[1]))
+        )
     if "loss" in att and att["loss"].get("ok"):
-        print(f"loss: full {att['loss']['full']['ms']:.1f} ms, chunked {att['loss']['chunked']['ms']:.1f} ms")
+        lo = att["loss"]
+        print(
+            f"loss fwd+bwd: full logits {lo['full']['ms']:.1f} ms ({lo['full']['peak_extra_bytes'] or 0:.3g} B), "
+            f"fused {lo['fused']['ms']:.1f} ms ({lo['fused']['peak_extra_bytes'] or 0:.3g} B)"
+        )
     res = st.get("resume", {})
     if "bit_identical" in res:
-        print(f"resume: bit-identical {res['bit_identical']}, max diff {res['max_abs_diff']:.3g}, "
-              f"noise floor {res.get('noise_floor', 0):.3g}")
+        print(
+            f"resume: bit-identical {res['bit_identical']}, max diff {res['max_abs_diff']:.3g}, "
+            f"noise floor {res.get('noise_floor', 0):.3g}"
+        )
     stall = st.get("stall", {})
     if "stall_per_save_s" in stall:
-        print(f"checkpoint stall per save {stall['stall_per_save_s']:.2f} s "
-              f"(median step {stall['no_saves']['median_step_s']:.3f} s, {stall.get('store_bytes_kept', 0) / 1e9:.1f} GB kept)")
+        print(
+            f"checkpoint stall per save {stall['stall_per_save_s']:.2f} s "
+            f"(median step {stall['no_saves']['median_step_s']:.3f} s, {stall.get('store_bytes_kept', 0) / 1e9:.1f} GB kept)"
+        )
     if "summary" in st.get("pytest", {}):
         print("pytest: " + " | ".join(st["pytest"]["summary"][-8:]))
 
@@ -789,7 +960,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            p.error("--device cuda: torch sees no CUDA device (use --device cpu --small to try the code paths)")
+            p.error(
+                "--device cuda: torch sees no CUDA device (use --device cpu --small to try the code paths)"
+            )
     results = run_stages(args)
     summary(results)
     print(f"\nwrote {args.json}")

@@ -245,7 +245,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grads: bool) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grads: bool
+    ) -> torch.Tensor:
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         with torch.autocast(dev, enabled=False):
@@ -257,7 +259,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None
             for s in range(0, x.shape[0], chunk):
                 xc = xs[s : s + chunk]
-                loss_sum, g = _softmax_cross_entropy(onednn.linear(xc, w), targets[s : s + chunk], count, grads)
+                loss_sum, g = _softmax_cross_entropy(
+                    onednn.linear(xc, w), targets[s : s + chunk], count, grads
+                )
                 total += loss_sum
                 if not grads:  # evaluation: the loss alone
                     continue

@@ -147,7 +147,15 @@ def step_memory(spec: RunSpec, strategy: str, world: int, micro_batch: int, gpu_
     overhead = WORKSPACE_BYTES + CONTEXT_BYTES
     total = weights + gradients + optimizer + activations + loss + overhead
     return Memory(
-        strategy, micro_batch, weights, gradients, optimizer, activations, loss, overhead, total,
+        strategy,
+        micro_batch,
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        loss,
+        overhead,
+        total,
         total <= usable_bytes(gpu_bytes),
     )
 
@@ -162,7 +170,9 @@ def micro_candidates(spec: RunSpec, world: int) -> list[int]:
     return [mb for mb in range(per_rank, 0, -1) if per_rank % mb == 0]
 
 
-def max_fitting_micro(spec: RunSpec, strategy: str, world: int, gpu_bytes: int, upto: int | None = None) -> int:
+def max_fitting_micro(
+    spec: RunSpec, strategy: str, world: int, gpu_bytes: int, upto: int | None = None
+) -> int:
     """Largest micro-batch (<= upto) that splits the global batch and fits; 0 when none does."""
     for mb in micro_candidates(spec, world):
         if (upto is None or mb <= upto) and step_memory(spec, strategy, world, mb, gpu_bytes).fits:

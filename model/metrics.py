@@ -88,8 +88,10 @@ class MetricsLogger:
             self._file.flush()
             print(_console_line(rec), flush=True)
         if self._wandb is not None and "checkpoint" not in rec:
-            self._wandb.log({k: v for k, v in rec.items() if v is not None and k not in ("step", "time")},
-                            step=rec["step"])
+            self._wandb.log(
+                {k: v for k, v in rec.items() if v is not None and k not in ("step", "time")},
+                step=rec["step"],
+            )
 
     def close(self) -> None:
         if not self.enabled:

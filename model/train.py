@@ -122,7 +122,9 @@ def fit_to_device(spec: RunSpec, d: Dist) -> RunSpec:
         )
     level, micro = chosen
     if d.main:
-        print(f"activation checkpointing {level}, micro-batch {micro}: what fits {props.name} and trains fastest")
+        print(
+            f"activation checkpointing {level}, micro-batch {micro}: what fits {props.name} and trains fastest"
+        )
     return spec.with_train(activation_checkpointing=level, micro_batch_size=micro)
 
 
@@ -154,7 +156,11 @@ def shard_fsdp(model: Decoder, bf16: bool) -> None:
     """FSDP2: each block, then the root; bf16 compute with fp32 gradient reduction when training in bf16."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    kw = (
+        {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+        if bf16
+        else {}
+    )
     for block in model.layers:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
@@ -315,7 +321,9 @@ def train(
     model.train()
     try:
         while step < t.steps:
-            loss_sum, grad_norm, lr = train_step(model, raw, opt, sched, loader.micro_batches(step), autocast, t)
+            loss_sum, grad_norm, lr = train_step(
+                model, raw, opt, sched, loader.micro_batches(step), autocast, t
+            )
             step += 1
             fault_point("train.step")
 
@@ -381,7 +389,9 @@ def train_step(model: nn.Module, raw: Decoder, opt, sched, micro_batches, autoca
                 loss = model(x, y)
             (loss / accum).backward()
         loss_sum += loss.detach()
-    grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip) if t.grad_clip > 0 else _grad_norm(raw)
+    grad_norm = (
+        nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip) if t.grad_clip > 0 else _grad_norm(raw)
+    )
     lr = sched.get_last_lr()[0]
     opt.step()
     sched.step()

@@ -268,7 +268,9 @@ def make_plan(
 
 def _no_fit_advice(spec: RunSpec, strategy: str, world: int, gpu: Gpu, memory: dict[str, Memory]) -> str:
     """One line: it does not fit; which strategy would, or which bigger GPUs would."""
-    head = f"does not fit: {strategy} on {gpu.name} needs more than {usable_bytes(gpu_bytes(gpu)) / GIB:.1f} GiB"
+    head = (
+        f"does not fit: {strategy} on {gpu.name} needs more than {usable_bytes(gpu_bytes(gpu)) / GIB:.1f} GiB"
+    )
     head += " even at micro-batch 1" if 1 in micro_candidates(spec, world) else ""
     # On one GPU train.py does not shard: fsdp there is ddp's memory, never advise it.
     useful = STRATEGIES if world > 1 else tuple(s for s in STRATEGIES if s.startswith("ddp"))
@@ -278,7 +280,9 @@ def _no_fit_advice(spec: RunSpec, strategy: str, world: int, gpu: Gpu, memory: d
             settings = f"train.parallel={parallel} train.activation_checkpointing={level}"
             return f"{head}; {s} fits at micro-batch {memory[s].max_micro_batch} ({settings})"
     bigger = [
-        g.name for g in CATALOG.values() if any(max_fitting_micro(spec, s, world, gpu_bytes(g)) for s in useful)
+        g.name
+        for g in CATALOG.values()
+        if any(max_fitting_micro(spec, s, world, gpu_bytes(g)) for s in useful)
     ]
     gpus = f"{world} GPU" + ("s" if world > 1 else "")
     if bigger:

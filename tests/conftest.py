@@ -1,5 +1,11 @@
-"""Shared fixtures: a tokenizer trained on the shipped corpus and a dataset staged with it."""
+"""Shared fixtures: a tokenizer trained on the shipped corpus and a dataset staged with it.
 
+Devices: the suite is one deterministic CPU suite on every machine. Unless the tests asked for are the `gpu`
+ones (`pytest -m gpu`), GPUs are hidden before anything initialises CUDA, so that train(), torchrun and Ray
+workers in tests (and the processes they start) all run where CI runs them. `gpu` tests skip without CUDA.
+"""
+
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +15,29 @@ from model.shards import Manifest, prepare_dataset, read_jsonl_texts
 from model.tokenizer import Tokenizer
 
 TINY_VOCAB = resolve("tiny").model.vocab_size
+
+
+def _selects_gpu_tests(config) -> bool:
+    expr = (config.option.markexpr or "").replace(" ", "")
+    return "gpu" in expr and "notgpu" not in expr
+
+
+def pytest_configure(config):
+    if not _selects_gpu_tests(config):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 TINY_SHARD_TOKENS = 65536  # small enough that the corpus spans several train shards
 
 

@@ -258,7 +258,7 @@ def test_async_snapshot_buffers_are_reused_safely(tmp_path):
     assert c._buffers == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_async_save_of_cuda_state(tmp_path):
     w = torch.randn(1000, 100, device="cuda")
     c = Checkpointer(tmp_path, async_save=True)

@@ -172,7 +172,7 @@ def test_loader_on_the_staged_corpus(tiny_dataset):
     assert len(eval_batches(TokenDataset(data_dir, "val", 256), 4, 16)) == 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_batches_land_on_the_gpu(synthetic):
     ds = TokenDataset(synthetic, "train", SEQ)
     cpu = BatchLoader(ds, 8, 4, seed=2).micro_batches(1)

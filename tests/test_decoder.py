@@ -115,9 +115,7 @@ def test_incremental_decoding_with_cache_matches_full_forward(n_kv_heads):
     with torch.no_grad():
         full = model(idx)
         cache = model.new_cache(2, 24)
-        parts = [
-            model(idx[:, a:b], cache=cache) for a, b in ((0, 9), (9, 10), (10, 16), (16, 17), (17, 24))
-        ]
+        parts = [model(idx[:, a:b], cache=cache) for a, b in ((0, 9), (9, 10), (10, 16), (16, 17), (17, 24))]
     assert cache.length == 24
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
 
