@@ -782,7 +782,9 @@ def stage_stall(args, rec: Recorder) -> None:
 
 
 def stage_pytest(args, rec: Recorder) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "-m", "gpu", "tests"]
+    # A bare GPU box may lack the cloud side (sky, moto): the modules it cannot import are reported, not fatal
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "-m", "gpu",
+           "--continue-on-collection-errors", "tests"]
     log = Path(args.stage_out).with_suffix(".log")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
