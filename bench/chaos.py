@@ -114,7 +114,8 @@ def print_kills(res: dict[str, Any]) -> None:
     print(
         f"runs {s['runs']}, kills {s['kills']} ({s['missed']} timed kills came after the end), survived "
         f"{s['kills_survived']}; steps redone mean {s['steps_redone_mean']}, max {s['steps_redone_max']} "
-        f"(interval {chaos.CHECKPOINT_EVERY}; over it: {s['over_one_interval']}); torn checkpoints left by "
+        f"(interval {chaos.CHECKPOINT_EVERY}; over it: {s['over_one_interval']}, over two: "
+        f"{s['over_two_intervals']}); torn checkpoints left by "
         f"kills {s['half_written_seen']}, loaded {s['torn_loaded']}; runs bit-identical "
         f"{s['runs_identical']}/{s['runs']}; twin launched at once identical: {s['twin_identical']}"
     )

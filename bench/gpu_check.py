@@ -1,8 +1,8 @@
 """The GPU check: one command that proves the GPU path correct and measures how fast the 1b step runs.
 
-    python -m bench.gpu_check                       # one H100/H200: ~8 minutes, start-up and compiles included
+    python -m bench.gpu_check                       # one H100/H200: ~8 minutes, start-up and compiles in
     python -m bench.gpu_check --only env,attention  # some stages
-    python -m bench.gpu_check --device cpu --small  # the same code paths at toy sizes (how CI-less edits are tried)
+    python -m bench.gpu_check --device cpu --small  # the same code paths at toy sizes, on any machine
 
 Each stage runs in its own process under a time box (a hang or an out-of-memory cannot take the others down)
 and records its figures as it goes, so a stage cut short still reports what it measured. Stages, in order:
@@ -15,11 +15,11 @@ and records its figures as it goes, so a stage cut short still reports what it m
   attention   SDPA backends on the 1b attention shape (GQA and expanded K/V), which one runs by default;
               the chunked loss against a full-logits cross-entropy
   rtx5090     the 1b step inside 32 GB (torch.cuda.set_per_process_memory_fraction): fits, peak vs plan
-  resume      train() on CUDA at the 1b width (2 layers): stop, resume, compare losses with an uninterrupted run
+  resume      train() on CUDA at the 1b width (2 layers): stop, resume, losses against an uninterrupted run
   stall       the checkpoint stall as train() sees it (file:// store), per save and per step
   pytest      the CUDA tests: pytest -m gpu
 
-Results: bench/results/gpu_check.json (and $OUT/gpu_check.json when OUT is set); a summary table is printed last.
+Results: bench/results/gpu_check.json (and $OUT/gpu_check.json when OUT is set); a summary is printed last.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ STAGES: list[tuple[str, int]] = [
     ("resume", 60),
     ("stall", 60),
 ]
-# 1b throughput variants: (activation checkpointing, micro-batch, compiled, precision), most informative first:
+# 1b throughput variants: (activation checkpointing, micro-batch, compiled, precision), most telling first:
 # the plan's choice for an H200 and for an 80 GB H100, then the alternatives
 THROUGHPUT_VARIANTS = [
     ("none", 32, True, "bf16"),
@@ -223,7 +223,7 @@ def stage_env(args, rec: Recorder) -> None:
                 for _ in range(3)
             ]
             i = iter(range(10**9))
-            s = median_seconds(lambda: torch.mm(*sets[next(i) % 3]), reps=30, warmup=5)
+            s = median_seconds(lambda sets=sets, i=i: torch.mm(*sets[next(i) % 3]), reps=30, warmup=5)
             out[f"bf16_{n}_tflops"] = 2 * n**3 / s / 1e12
         return out
 
@@ -783,8 +783,19 @@ def stage_stall(args, rec: Recorder) -> None:
 
 def stage_pytest(args, rec: Recorder) -> None:
     # A bare GPU box may lack the cloud side (sky, moto): the modules it cannot import are reported, not fatal
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "-m", "gpu",
-           "--continue-on-collection-errors", "tests"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rfEs",
+        "-m",
+        "gpu",
+        "--continue-on-collection-errors",
+        "tests",
+    ]
     log = Path(args.stage_out).with_suffix(".log")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
@@ -903,7 +914,8 @@ def summary(results: dict) -> None:
                 f"{stage:10s} {r['checkpointing']:9s} mb={r['micro_batch']:<3d} compile={r['compile']!s:5s} "
                 f"{r.get('precision', 'bf16')} "
                 + (
-                    f"{r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu'] or 0:.3f}  ceiling {r['of_ceiling'] or 0:.3f}  "
+                    f"{r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu'] or 0:.3f}  "
+                    f"ceiling {r['of_ceiling'] or 0:.3f}  "
                     f"peak {r.get('peak_bytes', 0) / 2**30:5.1f} GiB  plan "
                     f"{plan / 2**30 if isinstance(plan, int) else float('nan'):5.1f} GiB"
                     if "tokens_per_s" in r
@@ -923,7 +935,8 @@ def summary(results: dict) -> None:
     if "loss" in att and att["loss"].get("ok"):
         lo = att["loss"]
         print(
-            f"loss fwd+bwd: full logits {lo['full']['ms']:.1f} ms ({lo['full']['peak_extra_bytes'] or 0:.3g} B), "
+            f"loss fwd+bwd: full logits {lo['full']['ms']:.1f} ms "
+            f"({lo['full']['peak_extra_bytes'] or 0:.3g} B), "
             f"fused {lo['fused']['ms']:.1f} ms ({lo['fused']['peak_extra_bytes'] or 0:.3g} B)"
         )
     res = st.get("resume", {})
@@ -936,7 +949,8 @@ def summary(results: dict) -> None:
     if "stall_per_save_s" in stall:
         print(
             f"checkpoint stall per save {stall['stall_per_save_s']:.2f} s "
-            f"(median step {stall['no_saves']['median_step_s']:.3f} s, {stall.get('store_bytes_kept', 0) / 1e9:.1f} GB kept)"
+            f"(median step {stall['no_saves']['median_step_s']:.3f} s, "
+            f"{stall.get('store_bytes_kept', 0) / 1e9:.1f} GB kept)"
         )
     if "summary" in st.get("pytest", {}):
         print("pytest: " + " | ".join(st["pytest"]["summary"][-8:]))

@@ -93,8 +93,9 @@ class TrainConfig(_Strict):
     parallel: Literal["ddp", "fsdp"] = "ddp"
     activation_checkpointing: Literal["auto", "none", "selective", "full"] = Field(
         "auto",
-        description="recompute in backward: none, selective (every other block), full (every block), or auto: "
-        "on a GPU, the level and micro_batch_size that fit and train fastest there (model/memory.py); none on CPU",
+        description="recompute in backward: none, selective (every other block), full (every block), or "
+        "auto: on a GPU, the level and micro_batch_size that fit and train fastest (model/memory.py); "
+        "none on a CPU",
     )
     async_checkpoint: bool = Field(True, description="write checkpoints in a background thread")
 

@@ -170,7 +170,7 @@ class Decoder(nn.Module):
         self.rope_cos, self.rope_sin = cos, sin
 
     def set_activation_checkpointing(self, level: str | bool) -> None:
-        """Recompute blocks' activations in backward instead of storing them (training only); see CHECKPOINTING.
+        """Recompute blocks' activations in backward instead of keeping them (training only): CHECKPOINTING.
 
         True means "full" and False "none".
         """
@@ -279,7 +279,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor, grads: bool):
-    """Summed cross-entropy of one chunk, and (if grads) its gradient w.r.t. the logits of the loss / count."""
+    """Summed cross-entropy of one chunk, and (if grads) the gradient of loss / count w.r.t. its logits."""
     logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     valid = targets != -1
     safe = targets.clamp(min=0).unsqueeze(1)

@@ -6,13 +6,15 @@ into the run's config, and train() resolves `activation_checkpointing: auto` wit
 Bytes per GPU, for what model/train.py holds at its peak (the start of a micro-batch's backward, the previous
 micro-batches' gradients already there). N = param_count, M = matmul_params, W = world size, T = micro-batch x
 seq_len tokens per forward, L layers, d = d_model, f = d_ff, kv = n_kv_heads x head_dim, H = n_heads,
-V = vocab_size, B = one block's parameters (Bm of them in matmuls), R = the root's (embeddings, head, final norm):
+V = vocab_size, B = one block's parameters (Bm of them in matmuls), R = the root's (embeddings, head, norm):
 
   weights      unsharded (DDP, and FSDP on one GPU, which train.py does not shard): 4N fp32, + under bf16
                autocast the 2-byte copy of each matmul weight that a block keeps for backward: 2Bm for every
                block not checkpointed, and for the one being recomputed.
-               FSDP over W > 1: 4N/W of shards + the gathered p-byte params of the root and two blocks p(R + 2B).
-  gradients    4N (DDP's buckets are views of them); FSDP: 4N/W + p(R + B) unsharded + 4B for the reduce-scatter.
+               FSDP over W > 1: 4N/W of shards + the gathered p-byte params of the root and two blocks,
+               p(R + 2B).
+  gradients    4N (DDP's buckets are views of them); FSDP: 4N/W + p(R + B) unsharded + 4B for the
+               reduce-scatter.
   optimizer    AdamW's two fp32 moments: 8N, or 8N/W sharded.
   activations  T x (kept blocks x A + checkpointed blocks x r d + one recomputed block's A + head), per token:
                  A, compiled block   r d + 8 + 4H + a (6d + 3kv + 3f)
@@ -25,7 +27,7 @@ V = vocab_size, B = one block's parameters (Bm of them in matmuls), R = the root
                fp32 with grouped-query attention on a GPU: K and V are expanded for the memory-efficient
                kernel (model/decoder.py), + a x 2d per kept block. SDPA keeps no T x T scores.
   loss         4Vd: the head's fp32 weight gradient, which the fused loss computes in forward and holds until
-               backward. Its logits exist one chunk at a time, in forward only (model.decoder.LinearCrossEntropy).
+               backward. Its logits exist a chunk at a time, in forward only (decoder.LinearCrossEntropy).
   overhead     1.25 GiB of workspaces and allocator rounding (fitted on an H200) + 0.75 GiB of CUDA context,
                which lives outside the allocator.
   fits         total <= 90% of the GPU's memory.

@@ -49,7 +49,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _console_line(rec: dict[str, Any]) -> str:
     if "checkpoint" in rec:
-        return f"step {rec['step']:>6} | checkpoint committed"  # noqa: E501
+        took = f" ({rec['checkpoint_s']:.1f} s)" if rec.get("checkpoint_s") is not None else ""
+        return f"step {rec['step']:>6} | checkpoint committed{took}"
+    if "stop" in rec:
+        return f"step {rec['step']:>6} | stop requested: checkpointing this step"
     if "val_loss" in rec:
         return f"step {rec['step']:>6} | val_loss {rec['val_loss']:.4f} | ppl {rec['val_ppl']:.2f}"
     parts = [

@@ -42,6 +42,7 @@ from model.hardware import peak_flops
 from model.memory import choose
 from model.metrics import MetricsLogger
 from model.optim import build_optimizer, build_scheduler
+from model.profiling import StepProfiler, phase
 from model.staged import data_cache_dir, fetch_dataset, staged_manifest
 from model.store import StoreError
 
@@ -123,7 +124,7 @@ def fit_to_device(spec: RunSpec, d: Dist) -> RunSpec:
     level, micro = chosen
     if d.main:
         print(
-            f"activation checkpointing {level}, micro-batch {micro}: what fits {props.name} and trains fastest"
+            f"activation checkpointing {level}, micro-batch {micro}: fits {props.name} and trains fastest"
         )
     return spec.with_train(activation_checkpointing=level, micro_batch_size=micro)
 
@@ -216,16 +217,20 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     on_log: Callable[[dict], None] | None = None,
     checkpoint_root: str | Path | None = None,
+    profile_steps: int = 0,
 ) -> TrainResult:
     """Train `spec` in `run_dir`, resuming from its newest committed checkpoint.
 
     stop_at: stop (with a checkpoint) once this many steps are done, as if asked to stop.
-    should_stop: polled at logging steps (e.g. SIGTERM seen); any rank asking stops all ranks, after a
-        checkpoint.
+    should_stop: polled after every step (e.g. SIGTERM seen, a STOP file); any rank asking stops all ranks
+        at that step, after a checkpoint of it.
     on_log: called on every rank with each logged record (Ray reports through this).
     checkpoint_root: where checkpoints live, default run_dir/checkpoints; a store URI such as
         s3://bucket/runs/<run>/checkpoints keeps them off the (maybe ephemeral) local disk.
+    profile_steps: profile that many steps (after two warm-up steps) into run_dir/profile, then stop
+        (model/profiling.py); rank 0 only.
     """
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     t, m = spec.train, spec.model
     if not spec.data.path:
@@ -268,8 +273,11 @@ def train(
         root,
         keep=t.keep_checkpoints,
         async_save=t.async_checkpoint,
-        on_commit=lambda s: metrics.log({"step": s, "checkpoint": s}),  # metrics exists before any save
+        on_commit=lambda s: metrics.log(  # metrics exists before any save
+            {"step": s, "checkpoint": s, "checkpoint_s": round(time.perf_counter() - save_started.pop(s), 3)}
+        ),
     )
+    save_started: dict[int, float] = {}  # step -> when its save began: the commit logs how long it took
     start_step = 0
     loaded = ckpt.load()
     if loaded is not None:
@@ -312,20 +320,33 @@ def train(
         }
         if d.main:
             tokens = step * t.global_batch_tokens
+            save_started[step] = time.perf_counter()
             ckpt.save(step, state, {**meta_base, "step": step, "tokens": tokens})
 
-    stop_requested = unlogged_save = False
+    profiler = (
+        StepProfiler(run_dir / "profile", profile_steps, d.device) if profile_steps and d.main else None
+    )
+    if profile_steps:
+        stop_at = start_step + StepProfiler.total(profile_steps)
+    stop_requested = False
     last_loss = last_val = None
     step = start_step
     tick, tick_step = time.perf_counter(), start_step
     model.train()
     try:
         while step < t.steps:
+            step_began = time.perf_counter()
             loss_sum, grad_norm, lr = train_step(
                 model, raw, opt, sched, loader.micro_batches(step), autocast, t
             )
             step += 1
             fault_point("train.step")
+            if profiler:
+                profiler.step()
+            if (
+                step == start_step + 1 and d.main
+            ):  # the wait before the first log line: data, compile, warm-up
+                print(f"first step done: step {step} after {time.perf_counter() - started:.1f} s", flush=True)
 
             log_now = step % t.log_every == 0 or step == t.steps
             if log_now:
@@ -344,9 +365,6 @@ def train(
                     "mfu": tok_s * fpt / (peak * d.world_size) if peak else None,
                 }
                 last_loss = loss_val
-                if unlogged_save:  # the log never runs more than one checkpoint interval ahead of
-                    ckpt.wait()  # the newest commit, so a crash redoes at most one interval of logged steps
-                    unlogged_save = False
                 metrics.log(rec)
                 if on_log:
                     on_log(rec)
@@ -358,12 +376,18 @@ def train(
                 if on_log:
                     on_log(rec)
             asked = stop_at is not None and step >= stop_at  # the same on every rank
-            if should_stop and log_now:  # agreeing costs a sync, so only at logging steps
+            if should_stop:  # every step, whatever log_every: a stop is acted on within one step
                 asked = _any_rank(should_stop(), d) or asked
             stop_requested = asked and step < t.steps
+            if stop_requested:
+                rec = {"step": step, "stop": "requested", "step_s": round(paused - step_began, 3)}
+                metrics.log(rec)
+                if on_log:
+                    on_log(rec)
+            # At most one save is in flight (the next waits for it), and training goes on while it uploads:
+            # a crash redoes the steps since the newest commit, fewer than two checkpoint intervals.
             if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
                 save(step)
-                unlogged_save = True
             tick += time.perf_counter() - paused
             if stop_requested:
                 break
@@ -385,17 +409,19 @@ def train_step(model: nn.Module, raw: Decoder, opt, sched, micro_batches, autoca
     loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     for i, (x, y) in enumerate(micro_batches):
         with _no_sync(model, raw, last_micro=i == accum - 1):
-            with autocast():
+            with phase("forward"), autocast():
                 loss = model(x, y)
-            (loss / accum).backward()
+            with phase("backward"):
+                (loss / accum).backward()
         loss_sum += loss.detach()
-    grad_norm = (
-        nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip) if t.grad_clip > 0 else _grad_norm(raw)
-    )
-    lr = sched.get_last_lr()[0]
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    with phase("optimizer"):
+        grad_norm = (
+            nn.utils.clip_grad_norm_(raw.parameters(), t.grad_clip) if t.grad_clip > 0 else _grad_norm(raw)
+        )
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
     return loss_sum / accum, grad_norm, lr
 
 
@@ -443,7 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this step")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile N steps (after 2 warm-up steps) into <run-dir>/profile: trace.json (Perfetto, "
+        "chrome://tracing), memory_snapshot.pickle on a GPU (pytorch.org/memory_viz), summary.txt; then stop",
+    )
     args = ap.parse_args(argv)
+    if args.profile < 0:
+        ap.error(f"--profile {args.profile}: give a number of steps >= 1")
     run_dir = Path(args.run_dir)
     try:
         if args.config:
@@ -469,13 +505,18 @@ def main(argv: list[str] | None = None) -> int:
         stop["flag"] = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if signum == signal.SIGINT:
-            print("stopping after a checkpoint at the next logging step (Ctrl-C again to abort)", flush=True)
+            print("stopping after a checkpoint at the end of this step (Ctrl-C again to abort)", flush=True)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     try:
         result = train(
-            spec, run_dir, device=args.device, stop_at=args.stop_at, should_stop=lambda: stop["flag"]
+            spec,
+            run_dir,
+            device=args.device,
+            stop_at=args.stop_at,
+            should_stop=lambda: stop["flag"],
+            profile_steps=args.profile,
         )
     except (ConfigError, StoreError, CheckpointError, OSError) as e:  # a full disk says so, in one line
         print(f"error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ EPILOG = """examples:
   lmctl presets                                   list model presets and their sizes
   lmctl train --preset tiny --run-dir runs/dev    train in this process (no Ray), resuming if the run exists
   lmctl train --preset tiny --run-dir runs/dev --override train.steps=50 --override train.lr=1e-3
+  lmctl train --preset 1b --run-dir runs/prof --profile 5     trace, memory snapshot and top ops of 5 steps
   lmctl stage --dataset configs/data/shakespeare.jsonl --vocab-size 2048      tokenize once into runs/store
   lmctl stage --dataset HuggingFaceFW/fineweb-edu --subset sample-10BT --max-tokens 1e9 --store s3://bucket/lmctl
 """
@@ -103,7 +104,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv += ["--device", args.device]
     if args.stop_at is not None:
         argv += ["--stop-at", str(args.stop_at)]
+    if args.profile:
+        argv += ["--profile", str(args.profile)]
     return train_main(argv)
+
+
+def _positive(text: str) -> int:
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps >= 1")
+    return int(text)
 
 
 def _count(text: str) -> int:
@@ -335,7 +344,7 @@ def _follow(args: argparse.Namespace, path: Path) -> int:
     try:
         observe.print_log(path, follow=True)
     except KeyboardInterrupt:
-        print("\nstopping: checkpoint at the next logging step (Ctrl-C again to kill)", file=sys.stderr)
+        print("\nstopping: checkpoint at the end of this step (Ctrl-C again to kill)", file=sys.stderr)
         try:
             record = launch.stop(path.name, root=path.parent)
         except KeyboardInterrupt:
@@ -391,7 +400,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if before not in runs.ACTIVE:
         print(f"run {args.run} is not running ({before})")
         return 0
-    print(f"stopping {args.run}: checkpoint at the next logging step ...", file=sys.stderr)
+    print(f"stopping {args.run}: checkpoint at the end of this step ...", file=sys.stderr)
     record = stop(args.run, root=args.runs_dir, timeout=args.timeout)
     summary = observe.run_summary(path)
     print(f"run {args.run} {record.state}: last checkpoint at step {summary['last_checkpoint']}")
@@ -568,7 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("stop", parents=[one_run], help="checkpoint and stop a run; nothing left running")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before killing (default 120)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds before killing (cloud: cancelling); default: two of the run's measured steps and "
+        "checkpoints plus a margin, at least 120, and as long again if its stop checkpoint still uploads",
+    )
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser(
@@ -647,6 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this many steps")
+    p.add_argument(
+        "--profile",
+        type=_positive,
+        metavar="N",
+        help="profile N steps after 2 warm-up steps, then stop: <run-dir>/profile/trace.json (Perfetto, "
+        "chrome://tracing), memory_snapshot.pickle on a GPU (pytorch.org/memory_viz), summary.txt; "
+        "forward/backward/optimizer are NVTX ranges for nsys",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

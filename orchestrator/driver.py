@@ -12,8 +12,8 @@ On a pod the run directory is rebuilt from the store (config.yaml, metrics.jsonl
 SkyPilot recovered after a preemption is a new machine that knows only the run's name and store.
 
 Stopping: the file runs/<name>/STOP (on a pod: the object runs/<name>/STOP in the store) asks every worker
-to checkpoint and stop at its next logging step. `lmctl stop` writes it; SIGTERM or Ctrl-C to the driver
-writes it too.
+to checkpoint and stop at the end of the step it is in. `lmctl stop` writes it; SIGTERM or Ctrl-C to the
+driver writes it too.
 """
 
 from __future__ import annotations
@@ -213,7 +213,16 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, ask_stop)
             import ray
 
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= record.workers
+            gpus = ray.cluster_resources().get("GPU", 0)
+            use_gpu = gpus >= record.workers
+            asked = int(os.environ.get("SKYPILOT_NUM_GPUS_PER_NODE") or 0)  # 0: a CPU task, CPU workers
+            if (
+                args.pod and asked and not use_gpu
+            ):  # GPUs rented but unseen: CPU training would burn the budget
+                raise ConfigError(
+                    f"the pods were rented with {asked} GPU(s) each but Ray sees {gpus:g} GPUs for "
+                    f"{record.workers} workers (no CUDA driver in the image?); not training on CPUs"
+                )
             say(f"Ray up in {time.perf_counter() - t0:.1f} s")
             spec = staged.result()
         say(f"starting {record.workers} {'GPU' if use_gpu else 'CPU'} workers")

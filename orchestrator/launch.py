@@ -357,17 +357,68 @@ def _move(path: Path, record: runs.RunRecord, hw: Hardware) -> None:
     runs.update_record(path, **{k: getattr(record, k) for k in fields})
 
 
-def stop(name: str, root: Path | None = None, timeout: float = 120.0) -> runs.RunRecord:
-    """Checkpoint and stop a running run, then make sure none of its processes (or its job) is left."""
+STOP_MARGIN_S = 60.0  # processes exiting, Ray shutting down, a slow first step
+STOP_MIN_WAIT_S = 120.0
+ASSUMED_WRITE_BPS = 100e6  # checkpoint writes before one was measured: a slow disk or bucket
+
+
+def stop_wait_s(path: Path, record: runs.RunRecord) -> float:
+    """How long `stop` lets a run finish its step and checkpoint before killing it: a store poll (cloud), two
+    of its steps and two of its checkpoints as measured in metrics.jsonl, and a margin; at least 2 minutes.
+
+    Before a checkpoint was measured, its time is estimated from the state's size (fp32 weights and AdamW's
+    two moments, 12 bytes a parameter) at ASSUMED_WRITE_BPS.
+    """
+    from model.config import param_count
+    from model.metrics import read_metrics
+    from orchestrator.worker import STOP_POLL_S as POD_POLL_S
+
+    recs = read_metrics(path / runs.METRICS) if (path / runs.METRICS).exists() else []
+    rates = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
+    step_s = record.global_batch_tokens / rates[-1] if rates and record.global_batch_tokens else 0.0
+    step_s = max([step_s] + [r["step_s"] for r in recs if r.get("step_s")])
+    ckpt_s = max((r["checkpoint_s"] for r in recs if r.get("checkpoint_s") is not None), default=None)
+    if ckpt_s is None:
+        try:
+            ckpt_s = 12 * param_count(load_spec(path / runs.CONFIG).model) / ASSUMED_WRITE_BPS
+        except ConfigError:
+            ckpt_s = 0.0
+    poll = POD_POLL_S if record.mode == "cloud" else 0.0
+    return max(STOP_MIN_WAIT_S, poll + 2 * step_s + 2 * ckpt_s + STOP_MARGIN_S)
+
+
+def _checkpointing(path: Path) -> bool:
+    """The run saw the stop and its last checkpoint has not committed yet (metrics.jsonl says so)."""
+    from model.metrics import read_metrics
+
+    if not (path / runs.METRICS).exists():
+        return False
+    recs = read_metrics(path / runs.METRICS)
+    asked = [r["step"] for r in recs if r.get("stop")]
+    return bool(asked) and not any(r.get("checkpoint") == asked[-1] for r in recs)
+
+
+def stop(name: str, root: Path | None = None, timeout: float | None = None) -> runs.RunRecord:
+    """Checkpoint and stop a running run, then make sure none of its processes (or its job) is left.
+
+    timeout: seconds before the run is killed (cloud: cancelled); default stop_wait_s(). Past it, a run that
+    is still writing the checkpoint of its stop is given that long again, so a slow upload is not cut short.
+    """
     path = runs.find_run(runs.runs_root(root), name)
     record = runs.read_record(path)
+    timeout = stop_wait_s(path, record) if timeout is None else timeout
     if record.mode == "cloud":
         return _stop_cloud(path, timeout)
     if runs.driver_alive(record):
         (path / runs.STOP).touch()
         runs.update_record(path, state="stopping")
         deadline = time.monotonic() + timeout
-        while runs.driver_alive(record) and time.monotonic() < deadline:
+        extended = False
+        while runs.driver_alive(record):
+            if time.monotonic() >= deadline:
+                if extended or not _checkpointing(path):
+                    break
+                deadline, extended = time.monotonic() + timeout, True
             time.sleep(0.2)
         if runs.driver_alive(record):  # killed just below, with the rest of its session
             message = f"not stopped after {timeout:.0f} s, killed; resume continues from its last checkpoint"
@@ -391,8 +442,12 @@ def _stop_cloud(path: Path, timeout: float) -> runs.RunRecord:
         return record
     open_store(record.store).put_bytes(runs.store_key(record.name, runs.STOP), b"stop\n")
     runs.update_record(path, state="stopping")
-    deadline = time.monotonic() + timeout
-    while (record := cloud.refresh(path)).state in runs.ACTIVE and time.monotonic() < deadline:
+    deadline, extended = time.monotonic() + timeout, False
+    while (record := cloud.refresh(path)).state in runs.ACTIVE:
+        if time.monotonic() >= deadline:
+            if extended or not _checkpointing(path):
+                break
+            deadline, extended = time.monotonic() + timeout, True
         time.sleep(STOP_POLL_S)
     if record.state in runs.ACTIVE:
         cloud.cancel(record)

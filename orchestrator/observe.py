@@ -106,7 +106,10 @@ def run_summary(path: Path) -> dict[str, Any]:
     cfg = {} if record.steps and record.global_batch_tokens else _train_config(path)
     steps = int(record.steps or cfg.get("steps") or 0)
     batch_tokens = int(record.global_batch_tokens or cfg.get("global_batch_tokens") or 0)
-    step = int(last.get("step", 0))
+    # steps done: the last logged one, or later where a stop or a checkpoint fell between logging steps
+    step = max(
+        [int(last.get("step", 0))] + [int(r["step"]) for r in metrics if "stop" in r or "checkpoint" in r]
+    )
 
     times = [r["time"] for r in metrics[-1:] if isinstance(r.get("time"), (int, float))]
     last_sign = max([record.updated, _mtime(path / runs.METRICS), _mtime(path / runs.LOG), *times])
@@ -130,7 +133,7 @@ def run_summary(path: Path) -> dict[str, Any]:
         "val_step": evals[-1]["step"] if evals else None,
         "tokens_per_s": last.get("tokens_per_s"),
         "mfu": last.get("mfu"),
-        "tokens": last.get("tokens", step * batch_tokens),
+        "tokens": last["tokens"] if last.get("step") == step and "tokens" in last else step * batch_tokens,
         "global_batch_tokens": batch_tokens,
         "last_checkpoint": ckpts[-1]["checkpoint"] if ckpts else None,
         "created": record.created,

@@ -1,8 +1,8 @@
 """`lmctl plan`: will this config fit on this GPU, how fast will it train, how long and at what cost.
 
 Memory per GPU comes from model/memory.py (its docstring has the formula, fitted to what a step really holds);
-with `train.activation_checkpointing: auto` (the bigger presets) the plan also chooses the checkpointing and the
-micro-batch that train fastest on the chosen GPU, and a cloud launch writes that choice into the run's config.
+with `train.activation_checkpointing: auto` (the bigger presets) the plan also chooses the checkpointing and
+the micro-batch that train fastest on the chosen GPU, and a cloud launch writes that choice into the config.
 
 Throughput: tokens/s = mfu x peak FLOP/s x W / flops_per_token; hours = token budget / tokens/s / 3600;
 cost = hours x W x USD per GPU-hour.

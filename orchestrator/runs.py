@@ -34,7 +34,7 @@ CONFIG = "config.yaml"
 TASK = "task.yaml"
 LOG = "logs/driver.log"
 METRICS = "metrics.jsonl"
-STOP = "STOP"  # its presence asks the workers to checkpoint and stop at the next logging step
+STOP = "STOP"  # its presence asks the workers to checkpoint and stop at the end of the step they are in
 
 
 def store_key(name: str, what: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator.runs import LOG, METRICS, STOP, store_key
 
 METRICS_PUSH_S = 30.0  # a cloud run's metrics.jsonl reaches the store at most this stale (and at each eval)
+STOP_POLL_S = 10.0  # a cloud run sees `lmctl stop` (the store's STOP object) at most this late, + one step
 
 
 def say(msg: str) -> None:
@@ -26,6 +27,7 @@ def say(msg: str) -> None:
 def train_worker(cfg: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: the plain training loop, told when to stop and reporting sparingly."""
     import ray.train
+    import ray.train.torch
 
     from model.config import RunSpec
     from model.train import train
@@ -53,16 +55,18 @@ def train_worker(cfg: dict[str, Any]) -> None:
         return stop_file.exists() or (mirror is not None and mirror.stop_asked())
 
     def on_log(rec: dict) -> None:
-        if mirror:
-            mirror.push_metrics(now="val_loss" in rec)
+        if mirror:  # an evaluation or a stop request reaches `lmctl status` and `lmctl stop` at once
+            mirror.push_metrics(now="val_loss" in rec or "stop" in rec)
         if "val_loss" in rec:  # report() is a barrier across workers: only at evaluations
             ray.train.report({k: v for k, v in rec.items() if v is not None})
 
+    # A GPU worker trains on the device Ray assigned to it, which need not be cuda:LOCAL_RANK
+    device = str(ray.train.torch.get_device()) if cfg["device"] == "cuda" else cfg["device"]
     try:
         train(
             spec,
             path,
-            device=cfg["device"],
+            device=device,
             should_stop=should_stop,
             on_log=on_log,
             checkpoint_root=cfg["checkpoints"],
@@ -93,7 +97,9 @@ class StoreMirror:
         from model.store import open_store
 
         self.store, self.name, self.metrics = open_store(store), name, metrics
-        self.every_s = float(os.environ.get("LMCTL_STORE_POLL_S", METRICS_PUSH_S))
+        poll = os.environ.get("LMCTL_STORE_POLL_S")  # tests: both faster
+        self.every_s = float(poll or METRICS_PUSH_S)
+        self.stop_every_s = float(poll or STOP_POLL_S)
         self._pushed = self._polled = float("-inf")
         self._stop = False
 
@@ -103,7 +109,7 @@ class StoreMirror:
             self._pushed = time.monotonic()
 
     def stop_asked(self) -> bool:
-        if not self._stop and time.monotonic() - self._polled >= self.every_s:
+        if not self._stop and time.monotonic() - self._polled >= self.stop_every_s:
             self._stop = self.store.exists(store_key(self.name, STOP))
             self._polled = time.monotonic()
         return self._stop

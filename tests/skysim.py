@@ -32,8 +32,9 @@ def free_ports(n: int) -> list[int]:
 
 
 class SimCluster:
-    def __init__(self, task: Any, base: Path, env: dict[str, str]):
+    def __init__(self, task: Any, base: Path, env: dict[str, str], gpus_per_node: int = 0):
         self.task, self.base, self.env = task, base, env
+        self.gpus_per_node = gpus_per_node  # what SkyPilot says the pods have; this machine has none
         self.nodes = task.num_nodes
         self.procs: list[subprocess.Popen] = []
         self.launches = 0
@@ -56,7 +57,7 @@ class SimCluster:
             SKYPILOT_NODE_RANK=str(rank),
             SKYPILOT_NODE_IPS="\n".join(["127.0.0.1"] * self.nodes),
             SKYPILOT_NUM_NODES=str(self.nodes),
-            SKYPILOT_NUM_GPUS_PER_NODE="0",
+            SKYPILOT_NUM_GPUS_PER_NODE=str(self.gpus_per_node),
             SKYPILOT_TASK_ID=f"sky-sim-{self.task.name}",  # stable across recoveries, as on SkyPilot
             LMCTL_RUNS_DIR=str(home / "runs"),
             LMCTL_CACHE=str(home / "cache"),

@@ -124,3 +124,24 @@ def test_a_cloud_run_trains_into_the_bucket_and_survives_a_preemption(
     steps = [r["step"] for r in metrics if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 120  # one history: nothing redone is logged twice
     assert [r["step"] for r in metrics if "val_loss" in r][-3:] == [80, 100, 120]
+
+
+def test_pods_rented_with_gpus_that_ray_cannot_see_fail_instead_of_training_on_cpus(
+    tmp_path, s3_bucket, sky_jobs
+):
+    """A GPU image with no working CUDA driver: the run fails in one line before a step, not slowly on CPU."""
+    launch_cloud(tmp_path, s3_bucket, "nocuda", "L40S", nodes=1, steps=20, every=10)
+    [(_, task)] = sky_jobs
+    (tmp_path / "sim").mkdir()
+    sim = SimCluster(task, tmp_path / "sim", sim_env(s3_bucket), gpus_per_node=1)
+    assert sim.setup().returncode == 0
+    try:
+        sim.start()
+        code = sim.wait_head(timeout=300)
+    finally:
+        sim.kill()
+    log = sim.log(0)
+    assert code != 0, log
+    assert "the pods were rented with 1 GPU(s) each but Ray sees 0 GPUs for 1 workers" in log, log
+    assert "starting 1 CPU workers" not in log and "Traceback" not in log
+    assert Checkpointer(f"{s3_bucket.uri}/runs/nocuda/checkpoints").latest() is None

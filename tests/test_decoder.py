@@ -1,13 +1,12 @@
 """Decoder shape arithmetic, init, KV cache, autocast/compile/checkpointing, and generation."""
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig, param_count, preset_names, resolve
 from model import decoder
+from model.config import ModelConfig, param_count, preset_names, resolve
 from model.decoder import CHECKPOINTING, Decoder
 from model.generate import generate, top_k_filter, top_p_filter
 
@@ -154,7 +153,7 @@ def test_every_activation_checkpointing_level_gives_the_same_gradients():
         model.set_activation_checkpointing(level)
         calls = []
         for i, block in enumerate(model.layers):
-            block.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+            block.register_forward_pre_hook(lambda *_, i=i, calls=calls: calls.append(i))
         model(idx, targets).backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
         recomputed.append(sorted(i for i in set(calls) if calls.count(i) == 2))

@@ -89,8 +89,13 @@ def test_fp32_grouped_attention_keeps_no_t_by_t_scores():
     """fp32 + GQA has no fused CUDA kernel; K/V are expanded rather than falling back to math attention."""
     cfg = resolve(
         "tiny",
-        ["model.seq_len=2048", "model.n_heads=8", "model.n_kv_heads=2", "model.d_model=256",
-         "train.micro_batch_size=1"],
+        [
+            "model.seq_len=2048",
+            "model.n_heads=8",
+            "model.n_kv_heads=2",
+            "model.d_model=256",
+            "train.micro_batch_size=1",
+        ],
     ).model
     torch.manual_seed(0)
     model = Decoder(cfg).cuda()
@@ -99,7 +104,7 @@ def test_fp32_grouped_attention_keeps_no_t_by_t_scores():
     base = torch.cuda.memory_allocated()
     loss = model(idx, idx)
     loss.backward()
-    # The math kernel would keep each layer's fp32 T x T attention probabilities for backward: 128 MiB a layer.
+    # The math kernel would keep each layer's fp32 T x T attention probabilities for backward: 128 MiB each.
     # Measured on an H200 with K/V expanded: 161 MiB for the whole step, the activations alone.
     scores = cfg.n_heads * 2048 * 2048 * 4
     assert torch.cuda.max_memory_allocated() - base < cfg.n_layers * scores

@@ -132,7 +132,7 @@ def test_plan_matches_hand_arithmetic(preset, gpu):
 
 
 def test_a_named_level_keeps_its_level_and_lowers_the_micro_batch_to_fit():
-    """1b without checkpointing on a 5090: the config's micro-batch 4 needs more than 90% of 32 GiB, 2 fits."""
+    """1b without checkpointing on a 5090: the config's micro-batch 4 needs over 90% of 32 GiB, 2 fits."""
     static = (4 * N1B + 2 * 18 * L1B) + 4 * N1B + 8 * N1B + LOSS1B + OVERHEAD
     at4, at2 = (static + mb * 2048 * (18 * A1B + HEAD1B) for mb in (4, 2))
     assert at2 <= _usable(32) < at4

@@ -274,10 +274,10 @@ def test_polite_stop_checkpoints_and_resumes_exactly(small_data, reference, tmp_
     args = ["-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path)]
     stopped = _run_module(args, {"LMCTL_FAULT": f"train.step:3:{sig}"})  # the signal right after step 3
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "stopped at step 4" in stopped.stdout  # seen at the next logging step, checkpointed there
-    assert Checkpointer(tmp_path / "checkpoints").latest() == 4
+    assert "stopped at step 3" in stopped.stdout  # seen at the end of the step it came in, checkpointed there
+    assert Checkpointer(tmp_path / "checkpoints").latest() == 3  # log_every=2: not a logging step
     resumed = _run_module(args)
-    assert "resumed from checkpoint at step 4" in resumed.stdout
+    assert "resumed from checkpoint at step 3" in resumed.stdout
     assert train_losses(tmp_path) == train_losses(reference)[1::2]  # every 2nd step logged
 
 
@@ -294,3 +294,16 @@ def test_trains_from_a_dataset_in_s3(small_data, reference, s3_bucket, tmp_path,
     train(spec, tmp_path / "run")
     assert train_losses(tmp_path / "run") == train_losses(reference)
     assert (tmp_path / "cache" / "datasets" / "abc123" / "manifest.json").exists()
+
+
+def test_profile_writes_a_trace_with_the_step_phases_then_stops(small_data, tmp_path):
+    """`lmctl train --profile N`: N steps after two warm-up steps, a trace any viewer opens, the top ops."""
+    import json
+
+    result = train(small_spec(small_data, "train.steps=100"), tmp_path, device="cpu", profile_steps=2)
+    assert result.stopped and result.step == 4 and Checkpointer(tmp_path / "checkpoints").latest() == 4
+    trace = json.loads((tmp_path / "profile" / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"forward", "backward", "optimizer"} <= names
+    assert sum(e.get("name") == "optimizer" for e in trace["traceEvents"] if e.get("ph") == "X") == 2
+    assert "Self CPU" in (tmp_path / "profile" / "summary.txt").read_text()
