@@ -549,7 +549,8 @@ def test_resume_on_other_gpus_keeps_the_image_disk_and_cluster_mode(capsys, buck
 def test_a_move_back_to_one_gpu_regains_the_micro_batch_first_asked_for(capsys, bucket, root, fake):
     from model.config import load_spec
 
-    start(capsys, bucket, root, "there-and-back", gpu="H100:8")  # 16 sequences over 8 GPUs: micro 2
+    named = ("--override", "train.activation_checkpointing=none")  # a level named: the micro-batch is kept
+    start(capsys, bucket, root, "there-and-back", *named, gpu="H100:8")  # 16 sequences over 8 GPUs: micro 2
     assert load_spec(root / "there-and-back" / runs.CONFIG).train.micro_batch_size == 2
     fake.script(ManagedJobStatus.CANCELLED)
     code, out, err = lmctl(capsys, "resume", "there-and-back", "--gpu", "RTX4090", "--runs-dir", str(root))
@@ -557,3 +558,12 @@ def test_a_move_back_to_one_gpu_regains_the_micro_batch_first_asked_for(capsys, 
     spec = load_spec(root / "there-and-back" / runs.CONFIG)
     assert spec.train.micro_batch_size == 8 and spec.grad_accum_steps(1) == 2  # tiny asks for 8
     assert runs.read_record(root / "there-and-back").workers == 1
+
+    start(capsys, bucket, root, "auto-there-and-back", gpu="H100:8")  # auto: the plan chooses every time
+    fake.script(ManagedJobStatus.CANCELLED)
+    code, out, err = lmctl(
+        capsys, "resume", "auto-there-and-back", "--gpu", "RTX4090", "--runs-dir", str(root)
+    )
+    assert code == 0, err
+    spec = load_spec(root / "auto-there-and-back" / runs.CONFIG)
+    assert (spec.train.activation_checkpointing, spec.train.micro_batch_size) == ("none", 16)  # all at once

@@ -56,58 +56,33 @@ def _ddp(n, block_mm, kept, recompute, tokens, per_token, loss):
     return dict(weights=weights, gradients=4 * n, optimizer=8 * n, activations=tokens * per_token, loss=loss)
 
 
+def _case(world, strategy, micro, peak, preset, memory):
+    fpt, n = {"124m": (FPT124, N124), "1b": (FPT1B, N1B)}[preset]
+    return dict(world=world, strategy=strategy, micro=micro, peak=peak, fpt=fpt, n=n, memory=memory)
+
+
 # (preset, --gpu) -> the strategy and micro-batch the plan picks, and its per-GPU bytes at that micro-batch
 CASES = {
     # 124m, auto on a 5090: no checkpointing at micro-batch 32 (no full logits any more: 64 would need
     # 39.9e9 B > 90% of 32 GiB)
-    ("124m", "RTX5090"): dict(
-        world=1,
-        strategy="ddp",
-        micro=32,
-        peak=209.5e12,
-        fpt=FPT124,
-        n=N124,
-        memory=_ddp(N124, L124, 12, 0, 32 * 1024, 12 * A124 + HEAD, LOSS124),
+    ("124m", "RTX5090"): _case(
+        1, "ddp", 32, 209.5e12, "124m", _ddp(N124, L124, 12, 0, 32 * 1024, 12 * A124 + HEAD, LOSS124)
     ),
     # 512 sequences over 8 GPUs: 64 each, all in one micro-batch on an 80 GB H100
-    ("124m", "H100-SXM:8"): dict(
-        world=8,
-        strategy="ddp",
-        micro=64,
-        peak=989e12,
-        fpt=FPT124,
-        n=N124,
-        memory=_ddp(N124, L124, 12, 0, 64 * 1024, 12 * A124 + HEAD, LOSS124),
+    ("124m", "H100-SXM:8"): _case(
+        8, "ddp", 64, 989e12, "124m", _ddp(N124, L124, 12, 0, 64 * 1024, 12 * A124 + HEAD, LOSS124)
     ),
     # 1b on a 5090: no checkpointing at micro-batch 2 beats full checkpointing at 8 (measured on an H200 too)
-    ("1b", "RTX5090"): dict(
-        world=1,
-        strategy="ddp",
-        micro=2,
-        peak=209.5e12,
-        fpt=FPT1B,
-        n=N1B,
-        memory=_ddp(N1B, L1B, 18, 0, 2 * 2048, 18 * A1B + HEAD1B, LOSS1B),
+    ("1b", "RTX5090"): _case(
+        1, "ddp", 2, 209.5e12, "1b", _ddp(N1B, L1B, 18, 0, 2 * 2048, 18 * A1B + HEAD1B, LOSS1B)
     ),
-    ("1b", "H100-SXM:8"): dict(
-        world=8,
-        strategy="ddp",
-        micro=16,
-        peak=989e12,
-        fpt=FPT1B,
-        n=N1B,
-        memory=_ddp(N1B, L1B, 18, 0, 16 * 2048, 18 * A1B + HEAD1B, LOSS1B),
+    ("1b", "H100-SXM:8"): _case(
+        8, "ddp", 16, 989e12, "1b", _ddp(N1B, L1B, 18, 0, 16 * 2048, 18 * A1B + HEAD1B, LOSS1B)
     ),
     # an RTX 4090 (24 GB) takes 1b only with full checkpointing, at micro-batch 1: every block keeps its
     # fp32 input, one is recomputed at a time
-    ("1b", "RTX4090"): dict(
-        world=1,
-        strategy="ddp+full",
-        micro=1,
-        peak=165.2e12,
-        fpt=FPT1B,
-        n=N1B,
-        memory=_ddp(N1B, L1B, 0, 1, 2048, 18 * 4 * 2048 + A1B + HEAD1B, LOSS1B),
+    ("1b", "RTX4090"): _case(
+        1, "ddp+full", 1, 165.2e12, "1b", _ddp(N1B, L1B, 0, 1, 2048, 18 * 4 * 2048 + A1B + HEAD1B, LOSS1B)
     ),
 }
 
