@@ -25,6 +25,7 @@ Results: bench/results/gpu_check.json (and $OUT/gpu_check.json when OUT is set);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -409,8 +410,6 @@ def _plan_bytes(spec, level: str, mb: int) -> int | str:
 
 def _throughput(args, rec: Recorder, variants, key: str) -> None:
     """Time optimizer steps of the 1b config through train_step, one variant after another."""
-    import contextlib
-
     import torch
 
     from model.config import flops_per_token
@@ -521,7 +520,6 @@ def _throughput(args, rec: Recorder, variants, key: str) -> None:
 
 
 def stage_throughput(args, rec: Recorder) -> None:
-    rec["flops_per_token"] = None
     from model.config import flops_per_token
 
     rec["flops_per_token"] = flops_per_token(one_b(args).model)
@@ -580,7 +578,7 @@ def stage_attention(args, rec: Recorder) -> None:
 
         def step():
             kk, vv = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if expand else (k, v)
-            ctx = sdpa_kernel(backends) if backends else _null()
+            ctx = sdpa_kernel(backends) if backends else contextlib.nullcontext()
             with ctx:
                 y = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=not expand)
             y.sum().backward()
@@ -659,14 +657,6 @@ def stage_attention(args, rec: Recorder) -> None:
     attempt(rec, "loss", loss_compare)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def stage_resume(args, rec: Recorder) -> None:
     import torch
 
@@ -690,7 +680,8 @@ def stage_resume(args, rec: Recorder) -> None:
             "train.warmup_steps=2",
             "train.compile=false",
             "train.activation_checkpointing=none",
-            f"train.global_batch_tokens={spec_tokens(args)}",
+            # two micro-batches a step: the resume crosses a gradient accumulation boundary
+            f"train.global_batch_tokens={2 * (1 if args.small else 4) * (128 if args.small else 2048)}",
         )
         rec["config"] = {
             "n_layers": spec.model.n_layers,
@@ -725,11 +716,6 @@ def stage_resume(args, rec: Recorder) -> None:
                 rec["noise_floor"] = max(abs(x - y) for x, y in zip(a, c, strict=False))
         if dev == "cuda":
             rec["peak_bytes"] = torch.cuda.max_memory_allocated()
-
-
-def spec_tokens(args) -> int:
-    """Two micro-batches a step: the resume crosses a gradient accumulation boundary."""
-    return 2 * (1 if args.small else 4) * (128 if args.small else 2048)
 
 
 def stage_stall(args, rec: Recorder) -> None:

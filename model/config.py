@@ -66,6 +66,9 @@ class ModelConfig(_Strict):
         return self.d_model // self.n_heads
 
 
+CHECKPOINT_LEVELS = ("none", "selective", "full")  # model/decoder.py: selective is every other block
+
+
 class TrainConfig(_Strict):
     """Optimisation, schedule, evaluation and checkpoint cadence."""
 
@@ -312,7 +315,8 @@ def load_spec(path: str | Path) -> RunSpec:
 # ---------------------------------------------------------------- sizing arithmetic (no torch)
 
 
-def _layer_matmul_params(m: ModelConfig) -> int:
+def layer_matmul_params(m: ModelConfig) -> int:
+    """Matmul weights of one block: attention's q, k, v, o and the SwiGLU's gate, up, down."""
     kv = m.n_kv_heads * m.head_dim
     attn = 2 * m.d_model * m.d_model + 2 * m.d_model * kv  # wq, wo, wk, wv
     return attn + 3 * m.d_model * m.d_ff  # + SwiGLU gate, up, down
@@ -323,7 +327,7 @@ def param_count(m: ModelConfig) -> int:
     embed = m.vocab_size * m.d_model
     head = 0 if m.tie_embeddings else embed
     norms = (2 * m.n_layers + 1) * m.d_model
-    return embed + head + norms + m.n_layers * _layer_matmul_params(m)
+    return embed + head + norms + m.n_layers * layer_matmul_params(m)
 
 
 def matmul_params(m: ModelConfig) -> int:
@@ -332,7 +336,7 @@ def matmul_params(m: ModelConfig) -> int:
     The input embedding is a lookup, not a matmul; the output projection counts even when it is
     tied to the embedding, because it is a real matmul every token.
     """
-    return m.n_layers * _layer_matmul_params(m) + m.vocab_size * m.d_model
+    return m.n_layers * layer_matmul_params(m) + m.vocab_size * m.d_model
 
 
 def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model import onednn
-from model.config import ModelConfig
+from model.config import CHECKPOINT_LEVELS, ModelConfig
 
 # Activation checkpointing levels: "selective" recomputes every other block, halving what the blocks keep for
 # backward at ~1/6 more compute than none; "full" recomputes every block (~1/3 more).
-CHECKPOINTING = ("none", "selective", "full")
+CHECKPOINTING = CHECKPOINT_LEVELS
 LOSS_CHUNK_ELEMENTS = 1 << 27  # logits per loss chunk: 512 MiB in fp32 (4096 tokens at a 32K vocabulary)
 
 # ---------------------------------------------------------------- rotary embeddings

@@ -41,13 +41,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.config import RunSpec, flops_per_token, matmul_params, param_count
+from model.config import CHECKPOINT_LEVELS, RunSpec, flops_per_token, layer_matmul_params, param_count
 
 GIB = 1 << 30
 USABLE_FRACTION = 0.90
 WORKSPACE_BYTES = int(1.25 * GIB)
 CONTEXT_BYTES = int(0.75 * GIB)
-LEVELS = ("none", "selective", "full")
+LEVELS = CHECKPOINT_LEVELS
 PARALLELS = ("ddp", "fsdp")
 SATURATION_TOKENS = 700
 
@@ -129,7 +129,7 @@ def step_memory(spec: RunSpec, strategy: str, world: int, micro_batch: int, gpu_
     n = param_count(m)
     root = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
     block = (n - root) // m.n_layers
-    block_mm = (matmul_params(m) - m.vocab_size * m.d_model) // m.n_layers
+    block_mm = layer_matmul_params(m)
     ckpt = checkpointed_blocks(level, m.n_layers)
     kept = m.n_layers - ckpt
     recompute = 1 if ckpt else 0
@@ -185,8 +185,7 @@ def max_fitting_micro(
 def relative_speed(spec: RunSpec, level: str, micro_batch: int) -> float:
     """Useful tokens/s relative to a saturated GPU with no recomputation (see the module doc)."""
     m = spec.model
-    block_mm = (matmul_params(m) - m.vocab_size * m.d_model) // m.n_layers
-    block_forward = 2 * block_mm + 4 * m.n_heads * m.head_dim * m.seq_len
+    block_forward = 2 * layer_matmul_params(m) + 4 * m.n_heads * m.head_dim * m.seq_len
     recompute = checkpointed_blocks(level, m.n_layers) * block_forward / flops_per_token(m)
     tokens = micro_batch * m.seq_len
     return tokens / (tokens + SATURATION_TOKENS) / (1 + recompute)

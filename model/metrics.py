@@ -90,7 +90,7 @@ class MetricsLogger:
             self._file.write(json.dumps(rec) + "\n")
             self._file.flush()
             print(_console_line(rec), flush=True)
-        if self._wandb is not None and "checkpoint" not in rec:
+        if self._wandb is not None and "checkpoint" not in rec and "stop" not in rec:
             self._wandb.log(
                 {k: v for k, v in rec.items() if v is not None and k not in ("step", "time")},
                 step=rec["step"],

@@ -1,6 +1,6 @@
 """Profile N training steps: a torch profiler trace, a CUDA memory snapshot, NVTX ranges, a summary table.
 
-    python -m model.train --preset 1b --run-dir runs/prof --profile 5     # or: lmctl profile --config 1b
+    lmctl train --preset 1b --run-dir runs/prof --profile 5     # or python -m model.train, the same flags
 
 Files under <run-dir>/profile/:
   trace.json              the profiled steps, kernels included on a GPU: open in https://ui.perfetto.dev
@@ -65,10 +65,10 @@ class StepProfiler:
         """Steps from the start to the end of a profile of `steps` steps."""
         return WAIT_STEPS + WARMUP_STEPS + steps
 
-    def step(self) -> bool:
-        """Advance the schedule; True once the profiled steps are done and written."""
+    def step(self) -> None:
+        """Advance the schedule; after the last profiled step, write everything and stop profiling."""
         if self.left <= 0:
-            return True
+            return
         self.prof.step()
         self.left -= 1
         if self.left == 0:
@@ -77,7 +77,6 @@ class StepProfiler:
                 torch.cuda.memory._dump_snapshot(str(self.out / "memory_snapshot.pickle"))
                 torch.cuda.memory._record_memory_history(enabled=None)
             print(f"profile of {self.steps} steps written to {self.out}", flush=True)
-        return self.left == 0
 
     def _write(self, prof) -> None:
         prof.export_chrome_trace(str(self.out / "trace.json"))

@@ -123,9 +123,7 @@ def fit_to_device(spec: RunSpec, d: Dist) -> RunSpec:
         )
     level, micro = chosen
     if d.main:
-        print(
-            f"activation checkpointing {level}, micro-batch {micro}: fits {props.name} and trains fastest"
-        )
+        print(f"activation checkpointing {level}, micro-batch {micro}: fits {props.name} and trains fastest")
     return spec.with_train(activation_checkpointing=level, micro_batch_size=micro)
 
 
@@ -343,9 +341,7 @@ def train(
             fault_point("train.step")
             if profiler:
                 profiler.step()
-            if (
-                step == start_step + 1 and d.main
-            ):  # the wait before the first log line: data, compile, warm-up
+            if step == start_step + 1 and d.main:  # the wait before the first log: data, compile, warm-up
                 print(f"first step done: step {step} after {time.perf_counter() - started:.1f} s", flush=True)
 
             log_now = step % t.log_every == 0 or step == t.steps

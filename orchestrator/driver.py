@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             gpus = ray.cluster_resources().get("GPU", 0)
             use_gpu = gpus >= record.workers
             asked = int(os.environ.get("SKYPILOT_NUM_GPUS_PER_NODE") or 0)  # 0: a CPU task, CPU workers
-            if (
-                args.pod and asked and not use_gpu
-            ):  # GPUs rented but unseen: CPU training would burn the budget
+            if args.pod and asked and not use_gpu:  # GPUs rented but unseen: CPU training burns the budget
                 raise ConfigError(
                     f"the pods were rented with {asked} GPU(s) each but Ray sees {gpus:g} GPUs for "
                     f"{record.workers} workers (no CUDA driver in the image?); not training on CPUs"

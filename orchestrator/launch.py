@@ -398,6 +398,18 @@ def _checkpointing(path: Path) -> bool:
     return bool(asked) and not any(r.get("checkpoint") == asked[-1] for r in recs)
 
 
+def _wait_stopped(path: Path, timeout: float, active, poll_s: float) -> None:
+    """Poll active() until it is false or `timeout` has passed; once more as long while the stop's
+    checkpoint is still being written (so a slow upload is not cut short)."""
+    deadline, extended = time.monotonic() + timeout, False
+    while active():
+        if time.monotonic() >= deadline:
+            if extended or not _checkpointing(path):
+                return
+            deadline, extended = time.monotonic() + timeout, True
+        time.sleep(poll_s)
+
+
 def stop(name: str, root: Path | None = None, timeout: float | None = None) -> runs.RunRecord:
     """Checkpoint and stop a running run, then make sure none of its processes (or its job) is left.
 
@@ -412,14 +424,7 @@ def stop(name: str, root: Path | None = None, timeout: float | None = None) -> r
     if runs.driver_alive(record):
         (path / runs.STOP).touch()
         runs.update_record(path, state="stopping")
-        deadline = time.monotonic() + timeout
-        extended = False
-        while runs.driver_alive(record):
-            if time.monotonic() >= deadline:
-                if extended or not _checkpointing(path):
-                    break
-                deadline, extended = time.monotonic() + timeout, True
-            time.sleep(0.2)
+        _wait_stopped(path, timeout, lambda: runs.driver_alive(record), poll_s=0.2)
         if runs.driver_alive(record):  # killed just below, with the rest of its session
             message = f"not stopped after {timeout:.0f} s, killed; resume continues from its last checkpoint"
             runs.update_record(path, state="stopped", message=message)
@@ -442,13 +447,8 @@ def _stop_cloud(path: Path, timeout: float) -> runs.RunRecord:
         return record
     open_store(record.store).put_bytes(runs.store_key(record.name, runs.STOP), b"stop\n")
     runs.update_record(path, state="stopping")
-    deadline, extended = time.monotonic() + timeout, False
-    while (record := cloud.refresh(path)).state in runs.ACTIVE:
-        if time.monotonic() >= deadline:
-            if extended or not _checkpointing(path):
-                break
-            deadline, extended = time.monotonic() + timeout, True
-        time.sleep(STOP_POLL_S)
+    _wait_stopped(path, timeout, lambda: cloud.refresh(path).state in runs.ACTIVE, poll_s=STOP_POLL_S)
+    record = runs.read_record(path)
     if record.state in runs.ACTIVE:
         cloud.cancel(record)
         message = f"not stopped after {timeout:.0f} s, cancelled; resume continues from its last checkpoint"
