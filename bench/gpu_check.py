@@ -657,7 +657,26 @@ def stage_attention(args, rec: Recorder) -> None:
     attempt(rec, "loss", loss_compare)
 
 
+def max_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=False))
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """Deterministic CUDA kernels and the math attention backend, for bit-for-bit comparisons of two runs."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def stage_resume(args, rec: Recorder) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts: deterministic GEMMs
     import torch
 
     from model.metrics import read_metrics
@@ -698,22 +717,37 @@ def stage_resume(args, rec: Recorder) -> None:
             train(spec, Path(tmp) / "a", device=dev)
             return {"losses": losses(Path(tmp) / "a"), "s": time.perf_counter() - t0}
 
-        def stopped_and_resumed():
-            run = Path(tmp) / "b"
+        def stopped_and_resumed(name="b"):
+            run = Path(tmp) / name
             first = train(spec, run, device=dev, stop_at=3)
             second = train(spec, run, device=dev)
             return {"stopped_at": first.step, "finished_at": second.step, "losses": losses(run)}
 
+        # Deterministic kernels first: there a correct resume is bit-identical on CUDA too, so any difference
+        # is a resume bug rather than the noise of attention's and embedding's atomics-based backward.
+        def deterministic_pair():
+            with deterministic_kernels():
+                a = (train(spec, Path(tmp) / "da", device=dev), losses(Path(tmp) / "da"))[1]
+                b = stopped_and_resumed("db")["losses"]
+            diffs = [abs(x - y) for x, y in zip(a, b, strict=False)]
+            return {
+                "bit_identical": a == b,
+                "max_abs_diff": max(diffs),
+                "diffs": diffs,
+                "straight": a,
+                "resumed": b,
+            }
+
+        attempt(rec, "deterministic", deterministic_pair)
         attempt(rec, "straight", straight)
         attempt(rec, "resumed", stopped_and_resumed)
         a, b = rec.data.get("straight", {}).get("losses"), rec.data.get("resumed", {}).get("losses")
         if a and b:
             rec["bit_identical"] = a == b
-            rec["max_abs_diff"] = max(abs(x - y) for x, y in zip(a, b, strict=False))
+            rec["max_abs_diff"] = max_diff(a, b)
             if a != b:  # the noise floor: a second uninterrupted run
                 train(spec, Path(tmp) / "c", device=dev)
-                c = losses(Path(tmp) / "c")
-                rec["noise_floor"] = max(abs(x - y) for x, y in zip(a, c, strict=False))
+                rec["noise_floor"] = max_diff(a, losses(Path(tmp) / "c"))
         if dev == "cuda":
             rec["peak_bytes"] = torch.cuda.max_memory_allocated()
 
@@ -930,6 +964,12 @@ def summary(results: dict) -> None:
         print(
             f"resume: bit-identical {res['bit_identical']}, max diff {res['max_abs_diff']:.3g}, "
             f"noise floor {res.get('noise_floor', 0):.3g}"
+        )
+    det = res.get("deterministic", {})
+    if "bit_identical" in det:
+        print(
+            f"resume, deterministic kernels: bit-identical {det['bit_identical']}, "
+            f"max diff {det['max_abs_diff']:.3g}"
         )
     stall = st.get("stall", {})
     if "stall_per_save_s" in stall:
