@@ -49,7 +49,7 @@ STAGES: list[tuple[str, int]] = [
     ("attention", 35),
     ("rtx5090", 60),
     ("pytest", 90),
-    ("resume", 60),
+    ("resume", 100),
     ("stall", 60),
 ]
 # 1b throughput variants: (activation checkpointing, micro-batch, compiled, precision), most telling first:
