@@ -22,11 +22,10 @@ def lr_at(step: int, t: TrainConfig) -> float:
         progress = min(1.0, (step - t.warmup_steps) / span)
         return min_lr + (t.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     # wsd: hold the peak, then decay linearly to min_lr over the last decay_fraction of training
-    decay_steps = max(1, round(t.steps * t.decay_fraction))
-    decay_start = t.steps - decay_steps
+    decay_start = wsd_decay_start(t)
     if step < decay_start:
         return t.lr
-    progress = min(1.0, (step - decay_start) / decay_steps)
+    progress = min(1.0, (step - decay_start) / (t.steps - decay_start))
     return t.lr + (min_lr - t.lr) * progress
 
 
@@ -42,5 +41,21 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, t) / t.lr)
+def build_scheduler(
+    opt: torch.optim.Optimizer, t: TrainConfig, done_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule positioned after `done_steps` steps. A resumed run builds it from its config rather than
+    loading the checkpoint's, so a run extended to more train.steps takes the new schedule from its first
+    step on (the WSD decay moves to the new end)."""
+    for group in opt.param_groups:
+        group["initial_lr"] = t.lr  # LambdaLR's base rate; a loaded optimizer state carries the old one
+
+    def factor(step: int) -> float:
+        return lr_at(step, t) / t.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor, last_epoch=done_steps - 1)
+
+
+def wsd_decay_start(t: TrainConfig) -> int:
+    """The first step of the WSD decay: the last decay_fraction of train.steps."""
+    return t.steps - max(1, round(t.steps * t.decay_fraction))

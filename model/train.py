@@ -284,9 +284,9 @@ def train(
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(raw, state["model"], options=opts)
         set_optimizer_state_dict(raw, opt, state["optim"], options=opts)
-        sched.load_state_dict(state["sched"])
         set_rng_state(state["rng"])
         start_step = int(meta["step"])
+        sched = build_scheduler(opt, t, start_step)  # this config's schedule: train.steps may have grown
         if d.main:
             print(f"resumed from checkpoint at step {start_step}", flush=True)
 

@@ -4,12 +4,15 @@ so `lmctl --help` stays instant."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 from pathlib import Path
+
+from model.errors import did_you_mean
 
 EPILOG = """examples:
   lmctl launch --mode local --config tiny         stage, then train here with 2 Ray workers (detached)
@@ -26,7 +29,7 @@ EPILOG = """examples:
   lmctl stop dev                                  checkpoint and stop; nothing left running
   lmctl resume dev                                continue from the newest committed checkpoint
   lmctl generate dev --prompt "ROMEO:"            sample from the latest checkpoint
-  lmctl export dev --hf out/dev-hf                Hugging Face Llama folder (transformers can load it)
+  lmctl export dev --hf runs/exports/dev          Hugging Face Llama folder (transformers can load it)
   lmctl plot dev                                  loss against tokens, as runs/dev/loss.png
   lmctl presets                                   list model presets and their sizes
   lmctl train --preset tiny --run-dir runs/dev    train in this process (no Ray), resuming if the run exists
@@ -109,10 +112,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(argv)
 
 
-def _positive(text: str) -> int:
+def _positive(text: str, what: str = "steps") -> int:
     if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {what} >= 1")
     return int(text)
+
+
+def _tokens(text: str) -> int:
+    return _positive(text, "tokens")
+
+
+def _finite(text: str, ok, allowed: str) -> float:
+    """A finite float that passes `ok`; else argparse's one-line refusal saying what is `allowed`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: {allowed}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    return _finite(text, lambda t: t >= 0, "give a number >= 0 (0 = greedy)")
+
+
+def _top_p(text: str) -> float:
+    return _finite(text, lambda p: 0 < p <= 1, "give a number in (0, 1], e.g. 0.9")
 
 
 def _count(text: str) -> int:
@@ -133,7 +159,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     from model.config import ConfigError, DataConfig
     from model.store import StoreError
-    from orchestrator.stage import StageError, stage
+    from orchestrator.stage import StageError, StageInterrupted, stage
 
     datasets.disable_progress_bars()  # our own bar; datasets' would interleave with it
     datasets.logging.set_verbosity_error()
@@ -160,6 +186,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
         )
     except (StageError, StoreError) as e:
         raise ConfigError(str(e)) from None
+    except StageInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before staging began uploading: there is nothing to keep
+        print("interrupted: nothing uploaded yet; run the same command again to start over", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -255,6 +287,26 @@ def _print_plan(plan) -> None:
     Console(stderr=True).print(plan_renderable(plan))
 
 
+def _ask_to_spend(args: argparse.Namespace, verb: str):
+    """confirm(plan) for a cloud launch or resume: --yes, or a 'y' typed on a terminal. Without a terminal
+    --yes is required: a script must say it means to spend."""
+    from orchestrator.launch import Declined
+    from orchestrator.plan import human_time
+
+    def confirm(plan) -> None:
+        cost = f"about ${plan.cost:,.2f}" if plan.cost is not None else "cost unknown (no price; --price)"
+        what = f"{plan.world} x {plan.gpu} for about {human_time(plan.hours)} ({plan.mfu:.0%} MFU), {cost}"
+        if args.yes:
+            return
+        if not sys.stdin.isatty():
+            raise _config_error(f"{verb} rents {what}: add --yes to go ahead (--max-cost USD caps it)")
+        print(f"{verb} rents {what}. Go ahead? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise Declined(f"not confirmed: nothing {'launched' if verb == 'launch' else 'resumed'}")
+
+    return confirm
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from orchestrator.launch import launch, resolve_spec
 
@@ -276,6 +328,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         root=args.runs_dir,
         hardware=_hardware(args),
         show_plan=None if args.json else _print_plan,
+        max_cost=args.max_cost,
+        confirm=_ask_to_spend(args, "launch"),
     )
     name, path, record = launched.name, launched.path, launched.record
     if args.json:
@@ -366,12 +420,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
     path = _run_path(args)
     hardware = None
     moved = [args.gpu, args.nodes, args.cloud, args.disk_size, args.image, args.spot, args.no_managed]
+    moved.append(args.price)
     if any(v is not None and v is not False for v in moved):  # --nodes 0 is asked for, and refused
         record = read_record(path)
         if record.mode != "cloud":
             raise _config_error(f"run {args.run!r} is a local run: --gpu and friends apply to cloud runs")
         hardware = _hardware(args, record)
-    record = resume(args.run, root=args.runs_dir, hardware=hardware)
+    record = resume(
+        args.run,
+        root=args.runs_dir,
+        hardware=hardware,
+        steps=args.steps,
+        notify=lambda text: print(text, file=sys.stderr),
+        show_plan=_print_plan,
+        max_cost=args.max_cost,
+        confirm=_ask_to_spend(args, "resume"),
+    )
     if record.mode == "cloud":
         print(
             f"resumed run {record.name} (launch {record.launches}, {record.gpu} x {record.nodes} node(s), "
@@ -469,11 +533,25 @@ def _checkpoints(args: argparse.Namespace) -> str:
     return read_record(_run_path(args)).checkpoints
 
 
+@contextlib.contextmanager
+def _unreadable_checkpoints_are_bad_input():
+    """A store that cannot be read (no credentials, unreachable, missing bucket) or a checkpoint that does
+    not verify: one line saying what and how to fix it, like any bad input, instead of a traceback."""
+    from model.checkpoint import CheckpointError
+    from model.store import StoreError
+
+    try:
+        yield
+    except (StoreError, CheckpointError) as e:
+        raise _config_error(str(e)) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     checkpoints = _checkpoints(args)  # an unknown run is refused before torch is imported
     from model.inference import load_trained, sample
 
-    trained = load_trained(checkpoints, args.step)
+    with _unreadable_checkpoints_are_bad_input():
+        trained = load_trained(checkpoints, args.step)
     text = sample(trained, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if args.json:
         print(json.dumps({"run": args.run, "step": trained.step, "prompt": args.prompt, "text": text}))
@@ -486,7 +564,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoints = _checkpoints(args)  # an unknown run is refused before torch is imported
     from model.inference import export_run
 
-    out = export_run(checkpoints, args.hf, args.step)
+    with _unreadable_checkpoints_are_bad_input():
+        out = export_run(checkpoints, args.hf, args.step, force=args.force)
     print(f"wrote a Hugging Face Llama folder to {out} (AutoModelForCausalLM.from_pretrained loads it)")
     return 0
 
@@ -515,10 +594,52 @@ def _add_hardware_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image", help="image_id, e.g. docker:nvcr.io/nvidia/pytorch:25.01-py3")
     g.add_argument("--price", type=float, help="USD per GPU-hour for the plan (default: the price table)")
     g.add_argument("--mfu", type=float, default=0.40, help="MFU the plan assumes (default 0.40)")
+    g.add_argument(
+        "--yes", action="store_true", help="rent without asking (required without a terminal)"
+    )
+    g.add_argument(
+        "--max-cost", type=float, metavar="USD", help="refuse if the plan's cost (at --mfu) is above this"
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that names the nearest valid verb, choice or flag when one is mistyped, as Python 3.14's
+    `suggest_on_error` does (we run on 3.11 too). The verbs' parsers are of this class as well."""
+
+    verbs = None  # the subparsers action, once added
+
+    def add_subparsers(self, **kwargs):
+        self.verbs = super().add_subparsers(**kwargs)
+        return self.verbs
+
+    def _check_value(self, action, value):  # where argparse refuses a value not in `choices`, verbs included
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            hint = did_you_mean(str(value), [str(c) for c in action.choices], repr)
+            if action is self.verbs:
+                hint = hint or f"verbs: {', '.join(action.choices)}"
+                raise argparse.ArgumentError(None, f"unknown verb {value!r}; {hint}") from None
+            raise argparse.ArgumentError(action, f"{e.message}; {hint}" if hint else e.message) from None
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:  # told by the verb's parser: its usage, and the flag nearest to a mistyped one
+            parser = self.verbs.choices.get(getattr(namespace, "verb", None), self) if self.verbs else self
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{parser._flag_hint(extras)}")
+        return namespace
+
+    def _flag_hint(self, extras: list[str]) -> str:
+        """'; did you mean --dry-run?' for the first unknown flag in `extras` that is close to one of ours."""
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        for word in extras:
+            if word.startswith("-") and (hint := did_you_mean(word.split("=", 1)[0], flags)):
+                return f"; {hint}"
+        return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="lmctl",
         description="Pretrain Llama-style language models: presets, staging, training, checkpoints.",
         epilog=EPILOG,
@@ -595,6 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
         "stay the same; the micro-batch and gradient accumulation follow the new hardware.",
     )
     p.add_argument("--foreground", action="store_true", help="stay attached: print the log until the end")
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        metavar="N",
+        help="train a stopped or finished run on to N steps in all: the WSD decay moves to the new end, the "
+        "batches are those of a run planned for N (cosine runs are refused: their whole curve depends on N)",
+    )
     _add_hardware_flags(p)
     p.set_defaults(func=cmd_resume)
 
@@ -626,22 +754,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[one_run], help="sample text from a run's latest checkpoint")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=200, help="new tokens at most (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (default 50)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold, e.g. 0.9")
+    p.add_argument("--max-tokens", type=_tokens, default=200, help="new tokens at most, >= 1 (default 200)")
+    p.add_argument("--temperature", type=_temperature, default=0.8, help=">= 0; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=_tokens, default=50, help="sample among the k >= 1 likeliest (default 50)")
+    p.add_argument("--top-p", type=_top_p, help="nucleus sampling threshold in (0, 1], e.g. 0.9")
     p.add_argument("--seed", type=int, default=0, help="same seed, same text")
     p.add_argument("--step", type=int, help="a committed checkpoint step (default: the newest)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", parents=[one_run], help="write a Hugging Face Llama folder of a run")
-    p.add_argument("--hf", required=True, metavar="DIR", help="output folder")
+    p = sub.add_parser(
+        "export",
+        parents=[one_run],
+        help="write a Hugging Face Llama folder of a run",
+        description="Write a run's checkpoint as a Hugging Face Llama folder (config.json, "
+        "model.safetensors, tokenizer files, and lmctl_export.json naming the run and step). DIR must be new "
+        "or an empty folder (missing parents are created); a previous lmctl export there is replaced only "
+        "with --force, and a file or any other folder is refused: an export never removes what it did not "
+        "write.",
+    )
+    p.add_argument("--hf", required=True, metavar="DIR", help="output folder, e.g. runs/exports/dev")
     p.add_argument("--step", type=int, help="a committed checkpoint step (default: the newest)")
+    p.add_argument("--force", action="store_true", help="replace a previous lmctl export at DIR")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", parents=[one_run], help="PNG of train and val loss against tokens")
-    p.add_argument("--out", help="PNG path (default: runs/<name>/loss.png)")
+    p.add_argument("--out", help="PNG file path; missing folders are created (default: runs/<name>/loss.png)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
@@ -714,6 +852,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; its exit code. A reader that goes away (`lmctl presets --json | head -1`) ends it
+    quietly, as it would a Unix tool."""
+    try:
+        try:
+            return _run_verb(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, where it can be caught, not at interpreter exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE: what a tool killed by the closed pipe reports
+
+
+def _stdout_to_devnull() -> None:
+    """Python flushes stdout once more at exit: point it at /dev/null, so that flush cannot fail too."""
+    with contextlib.suppress(OSError, ValueError):  # stdout is not a real file (a test's capture)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _run_verb(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for dest, value in vars(args).items():  # argparse (3.11) turns `--flag=--` into [] instead of refusing

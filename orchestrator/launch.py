@@ -69,10 +69,11 @@ def resolve_spec(preset: str, overrides: list[str], wandb: bool = False) -> RunS
     return resolve(preset, [*overrides, *(["wandb.enabled=true"] if wandb else [])])
 
 
-def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
+def plan_cloud(spec: RunSpec, hw: Hardware, store: str, steps_left: int | None = None) -> CloudPlan:
     """Everything a cloud run needs checked before money is spent: the GPU and cloud, a store the pods
     reach, and a plan that fits. The plan's micro-batch replaces the config's when that one would not fit, and
-    `activation_checkpointing: auto` becomes the level and micro-batch that train fastest on that GPU."""
+    `activation_checkpointing: auto` becomes the level and micro-batch that train fastest on that GPU.
+    Its time and cost are those of `steps_left` steps (default: all of train.steps)."""
     from orchestrator.gpus import check_combination, parse_gpu, sky_resources
     from orchestrator.plan import make_plan
 
@@ -85,6 +86,7 @@ def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
         )
     if not 10 <= hw.disk_size <= 65536:
         raise ConfigError(f"--disk-size {hw.disk_size}: give GB per node between 10 and 65536")
+    steps = spec.train.steps if steps_left is None else max(1, steps_left)
     plan = make_plan(
         spec,
         req,
@@ -93,7 +95,7 @@ def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
         spot=hw.spot,
         mfu=hw.mfu,
         price=hw.price,
-        tokens=spec.train.steps * spec.train.global_batch_tokens,
+        tokens=steps * spec.train.global_batch_tokens,
     )
     if not plan.fits:
         raise ConfigError(f"the run does not fit: {plan.notes[-1] if plan.notes else 'see lmctl plan'}")
@@ -107,6 +109,31 @@ def plan_cloud(spec: RunSpec, hw: Hardware, store: str) -> CloudPlan:
     workers = hw.nodes * req.count
     spec.grad_accum_steps(workers)
     return CloudPlan(spec, req.text(), workers, resources, plan)
+
+
+class Declined(ConfigError):
+    """The user answered no when asked to spend: nothing was launched."""
+
+
+def check_spending(plan, max_cost: float | None, confirm=None) -> None:
+    """Before a cloud run rents anything: its planned cost is under `max_cost` (USD), then `confirm(plan)`
+    (the CLI asks, or takes --yes) raises Declined unless the user agrees."""
+    if max_cost is not None:
+        if not (math.isfinite(max_cost) and max_cost >= 0):
+            raise ConfigError(f"--max-cost {max_cost}: give a number of USD >= 0")
+        if plan.cost is None:
+            raise ConfigError(
+                f"--max-cost {max_cost:g}: no price is known for {plan.gpu}"
+                f"{' on ' + plan.cloud if plan.cloud else ''}; give --price USD per GPU-hour"
+            )
+        if plan.cost > max_cost:
+            raise ConfigError(
+                f"the planned cost ${plan.cost:,.2f} ({plan.world} x {plan.gpu} for {plan.hours:.1f} h at "
+                f"{plan.mfu:.0%} MFU) is above --max-cost ${max_cost:,.2f}: train fewer steps, choose "
+                "cheaper GPUs or raise --max-cost"
+            )
+    if confirm is not None:
+        confirm(plan)
 
 
 def _stage_what_it_trains_on(spec: RunSpec) -> RunSpec:
@@ -175,10 +202,13 @@ def launch(
     root: Path | None = None,
     hardware: Hardware | None = None,
     show_plan=None,
+    max_cost: float | None = None,
+    confirm=None,
 ) -> Launched:
     """Render runs/<name>/ and (unless dry_run) start it: its driver detached (local) or its SkyPilot job
     (cloud, when `hardware` is given). Raises ConfigError, writing nothing, for any bad input.
-    show_plan(plan) is called for a cloud run before anything is spent."""
+    show_plan(plan) is called for a cloud run before anything is spent; then the plan's cost is held to
+    `max_cost` and, unless dry_run, `confirm(plan)` may decline (check_spending)."""
     mode = mode or ("cloud" if hardware else "local")
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
@@ -206,6 +236,8 @@ def launch(
         _check_reachable(store)
     if cloud_plan and show_plan:
         show_plan(cloud_plan.plan)
+    if cloud_plan:
+        check_spending(cloud_plan.plan, max_cost, None if dry_run else confirm)
     root.mkdir(parents=True, exist_ok=True)
     try:
         path.mkdir()  # atomic: of two launches racing for one name, one wins
@@ -310,9 +342,23 @@ def start_driver(path: Path) -> runs.RunRecord:
     return runs.update_record(path, state="staging", driver=driver, session=proc.pid)
 
 
-def resume(name: str, root: Path | None = None, hardware: Hardware | None = None) -> runs.RunRecord:
+def resume(
+    name: str,
+    root: Path | None = None,
+    hardware: Hardware | None = None,
+    *,
+    steps: int | None = None,
+    notify=None,
+    show_plan=None,
+    max_cost: float | None = None,
+    confirm=None,
+) -> runs.RunRecord:
     """Start a stopped, failed or dry-run run again; it continues from its newest committed checkpoint.
-    A cloud run may move to other `hardware`: the global batch, and so the data order, stay the same."""
+    A cloud run may move to other `hardware`: the global batch, and so the data order, stay the same.
+
+    steps: train a stopped or finished run on to this many steps (extend_schedule); notify(text) hears how
+    its schedule changes. A cloud run shows its plan for the steps left (show_plan), held to max_cost and
+    confirm() as a launch is, before anything is written or rented."""
     path = runs.find_run(runs.runs_root(root), name)
     record = runs.read_record(path)
     if record.mode == "cloud" and record.state in runs.ACTIVE:
@@ -324,35 +370,132 @@ def resume(name: str, root: Path | None = None, hardware: Hardware | None = None
         raise ConfigError(
             f"run {name!r} is {state}: `lmctl attach {name}` follows it, `lmctl stop {name}` stops it"
         )
-    if state == "finished":
-        raise ConfigError(f"run {name!r} has finished all {record.steps} steps; there is nothing to resume")
+    if state == "finished" and steps is None:
+        raise ConfigError(
+            f"run {name!r} has finished all {record.steps} steps, so there is nothing to resume; "
+            f"`lmctl resume {name} --steps N` trains it further"
+        )
+    if record.mode != "cloud" and hardware:
+        raise ConfigError(f"run {name!r} is a local run: --gpu and friends apply to cloud runs")
+    spec, done = load_spec(path / runs.CONFIG), _trained_steps(record)
+    if steps is not None:
+        spec = extend_schedule(spec, steps, done, name)
+        if notify:
+            notify(schedule_change(load_spec(path / runs.CONFIG).train, spec.train, done))
     if record.mode != "cloud":
-        if hardware:
-            raise ConfigError(f"run {name!r} is a local run: --gpu and friends apply to cloud runs")
+        _write_config(path, spec)
+        runs.update_record(path, steps=spec.train.steps)
         if record.session:
             runs.kill_session(record.session)  # leftovers of a crashed driver (Ray agents) must not pile up
         return start_driver(path)
-    if hardware:
-        _move(path, record, hardware)
+    moved = hardware is not None
+    hw = hardware or _hardware_of(record)
+    if moved:  # the plan starts from what was first asked for: auto chooses afresh for the new GPUs
+        if record.micro_batch_size:
+            spec = spec.with_train(micro_batch_size=record.micro_batch_size)
+        if record.activation_checkpointing:
+            spec = spec.with_train(activation_checkpointing=record.activation_checkpointing)
+    cloud_plan = plan_cloud(spec, hw, record.store, steps_left=spec.train.steps - done)
+    if show_plan:
+        show_plan(cloud_plan.plan)
+    check_spending(cloud_plan.plan, max_cost, confirm)
+    if moved:
+        _move(path, record, hw, cloud_plan)
+    else:
+        _write_config(path, spec)
+    runs.update_record(path, steps=spec.train.steps)
     return start_cloud(path)
 
 
-def _move(path: Path, record: runs.RunRecord, hw: Hardware) -> None:
-    """Re-plan and re-render a cloud run for other hardware; the config keeps its global batch. The plan
-    starts from the micro-batch and checkpointing first asked for (auto chooses afresh), so a move back to
-    bigger GPUs regains them."""
-    spec = load_spec(path / runs.CONFIG)
-    if record.micro_batch_size:
-        spec = spec.with_train(micro_batch_size=record.micro_batch_size)
-    if record.activation_checkpointing:
-        spec = spec.with_train(activation_checkpointing=record.activation_checkpointing)
-    cloud_plan = plan_cloud(spec, hw, record.store)
+def _trained_steps(record: runs.RunRecord) -> int:
+    """Steps of the run's newest committed checkpoint (0 before any): the store's word, not the metrics'."""
+    from model.checkpoint import Checkpointer
+    from model.store import StoreError
+
+    try:
+        return Checkpointer(record.checkpoints).latest() or 0
+    except (StoreError, OSError) as e:
+        raise ConfigError(
+            f"could not list run {record.name!r}'s checkpoints in {record.checkpoints}: {e}"
+        ) from None
+
+
+def extend_schedule(spec: RunSpec, steps: int, done: int, name: str) -> RunSpec:
+    """`spec` planned for `steps` steps instead. Only a WSD schedule extends cleanly: its rate before the
+    decay does not depend on train.steps, so the decay just moves to the new end. Cosine's rate at every step
+    does, so extending it would bend the curve already trained: refused, with the reason."""
+    from model.optim import lr_at
+
+    t = spec.train
+    if not isinstance(steps, int) or steps <= t.steps:
+        raise ConfigError(
+            f"--steps {steps}: run {name!r} is planned for {t.steps} steps ({done} trained); --steps extends "
+            f"a run, so give more than {t.steps}"
+        )
+    if steps > 10**9:
+        raise ConfigError(f"--steps {steps}: at most 1000000000")
+    longer = spec.with_train(steps=steps)
+    if t.schedule == "cosine":
+        raise ConfigError(
+            f"run {name!r} uses the cosine schedule, whose rate at every step depends on train.steps: going "
+            f"to {steps} steps would lift the rate at step {done} from {lr_at(done, t):.2e} to "
+            f"{lr_at(done, longer.train):.2e}. Runs you may extend use the WSD schedule (launch with "
+            "--override train.schedule=wsd), whose decay simply moves to the new end"
+        )
+    return longer
+
+
+def schedule_change(old, new, done: int) -> str:
+    """One line on what an extension does to the learning rate (old and new TrainConfig, WSD)."""
+    from model.optim import wsd_decay_start
+
+    start, new_start = wsd_decay_start(old), wsd_decay_start(new)
+    min_lr = new.lr * new.min_lr_ratio
+    then = f"holds {new.lr:.2e} to step {new_start}, then decays to {min_lr:.2e} at step {new.steps}"
+    if done > start:
+        return (
+            f"extending from {old.steps} to {new.steps} steps: the run has been decaying since step {start}, "
+            f"so its rate re-warms to {new.lr:.2e} at step {done}, {then}"
+        )
+    return (
+        f"extending from {old.steps} to {new.steps} steps: the rate {then}, as in a run planned for "
+        f"{new.steps} steps (same batches, same rates)"
+    )
+
+
+def _hardware_of(record: runs.RunRecord) -> Hardware:
+    """What a cloud run rents now, as its record says (the price per GPU-hour it was planned at)."""
+    price = record.price_per_hour / record.workers if record.price_per_hour and record.workers else None
+    return Hardware(
+        gpu=record.gpu,
+        nodes=record.nodes,
+        cloud=record.cloud,
+        spot=record.spot,
+        managed=record.managed,
+        disk_size=record.disk_size or DISK_GB,
+        image=record.image,
+        price=price,
+    )
+
+
+def _write_config(path: Path, spec: RunSpec) -> None:
+    _replace_text(path / runs.CONFIG, render_config(spec))
+
+
+def _replace_text(file: Path, text: str) -> None:
+    """Atomically: a crash leaves the old file or the new one."""
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def _move(path: Path, record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPlan) -> None:
+    """Re-render a cloud run for other hardware as `cloud_plan` (from the micro-batch and checkpointing
+    first asked for, so a move back to bigger GPUs regains them); the config keeps its global batch."""
     _set_hardware(record, hw, cloud_plan)
     task = render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes)
-    for file, text in ((runs.CONFIG, render_config(cloud_plan.spec)), (runs.TASK, task)):
-        tmp = path / f".{file}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, path / file)
+    _write_config(path, cloud_plan.spec)
+    _replace_text(path / runs.TASK, task)
     fields = ("gpu", "nodes", "cloud", "spot", "managed", "disk_size", "image", "workers", "price_per_hour")
     runs.update_record(path, **{k: getattr(record, k) for k in fields})
 

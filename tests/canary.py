@@ -467,7 +467,7 @@ def _verbs(ex: Exercise, umask: int, timeout: float) -> None:
         ("export", ["export", "local", "--hf", str(ex.base / "hf")]),
         ("stop", ["stop", "local"]),
         ("resume-finished", ["resume", "local"]),
-        ("resume-cloud", ["resume", "cloudy"]),
+        ("resume-cloud", ["resume", "cloudy", "--yes"]),
     ):
         cli(label, *verb)
     record = runs.read_record(ex.base / "runs" / "local") if (ex.base / "runs" / "local").exists() else None

@@ -65,6 +65,17 @@ def tiny_dataset(tmp_path_factory, corpus_texts, tiny_tokenizer) -> tuple[Path, 
     return out, manifest
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, corpus_texts) -> str:
+    """A staged dataset of 3 documents with a 512-token vocabulary: for tests/test_train.py's SMALL model."""
+    texts = corpus_texts[:3]
+    out = tmp_path_factory.mktemp("small_data")
+    prepare_dataset(
+        texts, Tokenizer.train(texts, 512), out, 50_000, val_fraction=0.1, dataset="shakespeare-3"
+    )
+    return str(out)
+
+
 # ---------------------------------------------------------------- loopback S3 (tests/s3.py)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from model.config import ConfigError
 from orchestrator import cloud, launch, runs
 from orchestrator.cli import main
 
@@ -77,7 +79,9 @@ def store(bucket):
 
 
 def lmctl(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    """The CLI as a script runs it: a launch or resume says --yes to the spending (no terminal to ask on)."""
+    spends = argv[0] in ("launch", "resume") and "--dry-run" not in argv and "--yes" not in argv
+    code = main([*argv, *(["--yes"] if spends else [])])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -174,6 +178,59 @@ def test_skypilot_refusing_the_launch_is_one_line_and_a_failed_run(capsys, bucke
     record = runs.read_record(root / "refused")
     assert record.state == "failed" and "no capacity" in record.message and record.job_id is None
     assert fake.count("jobs.launch") == 1
+
+
+# ---------------------------------------------------------------- spending: asked first, capped
+
+
+class Terminal(io.StringIO):
+    """stdin as a terminal on which the user types the text given."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def launch_argv(bucket, root: Path, name: str, *extra: str) -> list[str]:
+    base = ["launch", "--config", "tiny", "--gpu", "RTX4090", "--name", name, "--store", bucket.uri]
+    return [*base, "--runs-dir", str(root), "--price", str(PRICE), *extra]
+
+
+def test_a_cloud_launch_without_a_terminal_needs_yes_and_writes_nothing(capsys, bucket, root, fake):
+    code = main(launch_argv(bucket, root, "unasked"))  # main(), not lmctl(): that one says --yes
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "launch rents 1 x RTX4090 for about" in err and "add --yes to go ahead" in err and "$" in err
+    assert not (root / "unasked").exists() and fake.count("jobs.launch") == 0
+
+
+def test_a_cloud_launch_asks_on_a_terminal_and_only_yes_launches(capsys, bucket, root, fake, monkeypatch):
+    for answer, launched in (("n\n", False), ("\n", False), ("y\n", True)):
+        monkeypatch.setattr(sys, "stdin", Terminal(answer))
+        name = f"asked-{len(fake.called('jobs.launch'))}-{answer.strip() or 'enter'}"
+        code = main(launch_argv(bucket, root, name))
+        err = capsys.readouterr().err
+        assert "Go ahead? [y/N]" in err and "cost" in err  # the plan table is shown first, then the question
+        assert (code == 0) == launched and (root / name).exists() == launched, err
+        assert launched or "not confirmed: nothing launched" in err
+    assert fake.count("jobs.launch") == 1
+
+
+def test_max_cost_refuses_a_plan_above_it_before_anything_is_written(capsys, bucket, root, fake):
+    long_run = ["--override", "train.steps=100000000"]  # 2e11 tokens: about $2.5 at PRICE
+    code, out, err = lmctl(capsys, *launch_argv(bucket, root, "capped", *long_run, "--max-cost", "1"))
+    assert code == 2 and "is above --max-cost $1.00" in err and "train fewer steps" in err, err
+    assert not (root / "capped").exists() and fake.count("jobs.launch") == 0
+    code, out, err = lmctl(capsys, *launch_argv(bucket, root, "afforded", *long_run, "--max-cost", "100"))
+    assert code == 0 and fake.count("jobs.launch") == 1, err
+
+
+def test_max_cost_without_a_price_is_refused_rather_than_guessed():
+    from types import SimpleNamespace
+
+    unpriced = SimpleNamespace(cost=None, gpu="RTX5090", cloud="runpod")
+    with pytest.raises(ConfigError, match="no price is known for RTX5090 on runpod; give --price"):
+        launch.check_spending(unpriced, max_cost=10)
+    launch.check_spending(unpriced, max_cost=None)  # no cap asked for: nothing to check
 
 
 # ---------------------------------------------------------------- status
@@ -428,6 +485,30 @@ def test_resume_after_stop_clears_stop_and_launches_again(capsys, bucket, root, 
     assert [c["name"] for c in fake.called("jobs.launch")] == ["again", "again"]
     record = runs.read_record(root / "again")
     assert (record.state, record.launches, record.job_id, record.message) == ("starting", 2, 42, None)
+
+
+def test_resume_steps_extends_a_finished_cloud_run_once_the_spending_is_confirmed(
+    capsys, bucket, root, fake, store
+):
+    start(capsys, bucket, root, "longer", "--override", "train.schedule=wsd")
+    commit_checkpoint(bucket, "longer", 200)
+    fake.script(ManagedJobStatus.SUCCEEDED, job_duration=60.0)
+    assert status(capsys, root, "longer")["state"] == "finished"
+    config = (root / "longer" / runs.CONFIG).read_text()
+
+    code = main(["resume", "longer", "--steps", "400", "--runs-dir", str(root)])  # no terminal, no --yes
+    err = capsys.readouterr().err
+    assert code == 2 and "resume rents 1 x RTX4090" in err and "add --yes" in err
+    assert (root / "longer" / runs.CONFIG).read_text() == config and fake.count("jobs.launch") == 1
+
+    code, out, err = lmctl(capsys, "resume", "longer", "--steps", "400", "--runs-dir", str(root))
+    assert code == 0, err
+    assert "extending from 200 to 400 steps" in err and "re-warms" in err
+    pod_config = yaml.safe_load(store.get_bytes(runs.store_key("longer", runs.CONFIG)))
+    assert pod_config["train"]["steps"] == 400 and pod_config["train"]["schedule"] == "wsd"
+    record = runs.read_record(root / "longer")
+    assert (record.steps, record.launches, record.state) == (400, 2, "starting")
+    assert fake.count("jobs.launch") == 2
 
 
 def test_resume_on_other_gpus_keeps_the_global_batch(capsys, bucket, root, fake, store):

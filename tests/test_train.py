@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import Checkpointer
-from model.config import DEFAULT_CORPUS, resolve
+from model.config import resolve
 from model.metrics import read_metrics
-from model.shards import prepare_dataset, read_jsonl_texts
-from model.tokenizer import Tokenizer
 from model.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,15 +33,6 @@ SMALL = [
     "train.checkpoint_every=100",
     "train.async_checkpoint=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> str:
-    texts = list(read_jsonl_texts(DEFAULT_CORPUS))[:3]
-    tok = Tokenizer.train(texts, 512)
-    out = tmp_path_factory.mktemp("data")
-    prepare_dataset(texts, tok, out, shard_tokens=50_000, val_fraction=0.1, dataset="shakespeare-3")
-    return str(out)
 
 
 def small_spec(data_path: str, *extra: str):
