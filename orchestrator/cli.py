@@ -308,9 +308,10 @@ def _ask_to_spend(args: argparse.Namespace, verb: str):
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from orchestrator.launch import launch, resolve_spec
+    from orchestrator.launch import dataset_override, launch, resolve_spec
 
-    overrides = [*args.override, *([f"data.dataset={args.dataset}"] if args.dataset is not None else [])]
+    overrides = [*args.override, *([dataset_override(args.dataset)] if args.dataset is not None else [])]
+    overrides += [f"{k}={getattr(args, f)}" for f, k in SOURCE_FLAGS.items() if getattr(args, f) is not None]
     if args.print_config:
         from orchestrator.render import render_config
 
@@ -578,6 +579,37 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+SOURCE_FLAGS = {  # launch's staging flags -> the config key each sets
+    "subset": "data.subset",
+    "split": "data.split",
+    "revision": "data.revision",
+    "text_field": "data.text_field",
+    "max_tokens": "data.max_tokens",
+    "tokenizer": "data.tokenizer",
+    "vocab_size": "model.vocab_size",
+}
+
+
+def _add_source_flags(p) -> None:
+    """What to read from the dataset and how to tokenize it: `stage` and `launch` take the same flags."""
+    p.add_argument("--subset", help="hub config name, e.g. sample-10BT")
+    p.add_argument("--split", help="split to stage (default: train)")
+    p.add_argument("--revision", help="hub branch, tag or commit (default: main, pinned to its commit)")
+    p.add_argument("--text-field", help="column holding the text (default: text)")
+    p.add_argument(
+        "--max-tokens",
+        type=_count,
+        help="stop after the document that reaches this many tokens (e.g. 1e9, 500M)",
+    )
+    p.add_argument("--tokenizer", help="path to a tokenizer.json, or 'train' (default): byte-level BPE")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="vocabulary of a trained tokenizer (stage default: 32768; launch: the "
+        "model's, model.vocab_size)",
+    )
+
+
 def _add_hardware_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cloud (SkyPilot)")
     g.add_argument(
@@ -594,9 +626,7 @@ def _add_hardware_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image", help="image_id, e.g. docker:nvcr.io/nvidia/pytorch:25.01-py3")
     g.add_argument("--price", type=float, help="USD per GPU-hour for the plan (default: the price table)")
     g.add_argument("--mfu", type=float, default=0.40, help="MFU the plan assumes (default 0.40)")
-    g.add_argument(
-        "--yes", action="store_true", help="rent without asking (required without a terminal)"
-    )
+    g.add_argument("--yes", action="store_true", help="rent without asking (required without a terminal)")
     g.add_argument(
         "--max-cost", type=float, metavar="USD", help="refuse if the plan's cost (at --mfu) is above this"
     )
@@ -666,7 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--override", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=100"
     )
-    p.add_argument("--dataset", help="hub id (org/name) or local file/folder to train on (data.dataset)")
+    p.add_argument(
+        "--dataset",
+        help="hub id (org/name) or local file/folder to stage and train on (data.dataset), or a staged "
+        "dataset: a folder with manifest.json or its store URI (data.path); a jsonl/json/parquet row is one "
+        "document, a .txt file is one document",
+    )
+    _add_source_flags(p.add_argument_group("staging (when --dataset is raw data)"))
     p.add_argument("--name", help="run name (default: <preset>-<date>-<time>-<random>)")
     p.add_argument(
         "--mode",
@@ -817,18 +853,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pack them into shards and upload them with a manifest to <store>/datasets/<hash>/. Staging the "
         "same thing again is a no-op; an interrupted staging resumes where it stopped.",
     )
-    p.add_argument("--dataset", required=True, help="hub id (org/name) or a local file or folder")
-    p.add_argument("--subset", help="hub config name, e.g. sample-10BT")
-    p.add_argument("--split", help="split to stage (default: train)")
-    p.add_argument("--revision", help="hub branch, tag or commit (default: main, pinned to its commit)")
-    p.add_argument("--text-field", help="column holding the text (default: text)")
     p.add_argument(
-        "--max-tokens",
-        type=_count,
-        help="stop after the document that reaches this many tokens (e.g. 1e9, 500M)",
+        "--dataset",
+        required=True,
+        help="hub id (org/name) or a local file or folder; a jsonl/json/parquet row is one document, a .txt "
+        "file is one document (not one per line)",
     )
-    p.add_argument("--tokenizer", help="path to a tokenizer.json, or 'train' (default): byte-level BPE")
-    p.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default: 32768)")
+    _add_source_flags(p)
     p.add_argument(
         "--tokenizer-sample-mb",
         type=float,

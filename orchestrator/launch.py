@@ -25,6 +25,7 @@ from pathlib import Path
 from model.config import ConfigError, RunSpec, load_spec, resolve
 from orchestrator import runs
 from orchestrator.render import render_config, render_task
+from orchestrator.sanity import warn_before_launch
 
 MODES = ("local", "cloud")
 DISK_GB = 128  # per node: data cache, checkpoint staging, the venv; SkyPilot's default (256) is billed
@@ -67,6 +68,15 @@ class Launched:
 def resolve_spec(preset: str, overrides: list[str], wandb: bool = False) -> RunSpec:
     """Preset + overrides (+ --wandb) -> one validated spec."""
     return resolve(preset, [*overrides, *(["wandb.enabled=true"] if wandb else [])])
+
+
+def dataset_override(dataset: str) -> str:
+    """`--dataset X` as an override: a staged dataset (a store URI, or a folder holding manifest.json) is
+    trained on as it is (data.path); anything else is raw data to stage (data.dataset)."""
+    from model.shards import MANIFEST
+
+    staged = "://" in dataset or (_present(dataset) and _present(str(Path(dataset) / MANIFEST), file=True))
+    return f"data.path={dataset}" if staged else f"data.dataset={dataset}"
 
 
 def plan_cloud(spec: RunSpec, hw: Hardware, store: str, steps_left: int | None = None) -> CloudPlan:
@@ -162,14 +172,28 @@ def _check_inputs(spec: RunSpec, workers: int, store: str) -> None:
         from model.staged import staged_manifest
 
         try:
-            staged_manifest(spec.data.path)
+            manifest = staged_manifest(spec.data.path)
         except (StoreError, ValueError, OSError) as e:  # OSError: a name too long for the filesystem
             raise ConfigError(f"data.path {spec.data.path!r}: {e}") from None
+        if manifest.vocab_size > spec.model.vocab_size:
+            raise ConfigError(
+                f"the staged dataset {spec.data.path} was tokenized with {manifest.vocab_size} tokens, more "
+                f"than the model's vocabulary of {spec.model.vocab_size}: add --vocab-size "
+                f"{manifest.vocab_size} (model.vocab_size), or stage the data with --vocab-size "
+                f"{spec.model.vocab_size}"
+            )
     elif _looks_local(spec.data.dataset) and not _present(spec.data.dataset):
         raise ConfigError(
             f"data.dataset {spec.data.dataset!r}: no such file or folder (give a local path or a hub id "
             "org/name)"
         )
+    elif _present(spec.data.dataset):
+        from orchestrator.stage import StageError, check_local_dataset
+
+        try:
+            check_local_dataset(spec.data)
+        except StageError as e:
+            raise ConfigError(str(e)) from None
     if not spec.data.path and spec.data.tokenizer != "train" and not _present(spec.data.tokenizer, file=True):
         raise ConfigError(
             f"data.tokenizer {spec.data.tokenizer!r}: no such file (give a tokenizer.json path, or 'train')"
@@ -232,6 +256,7 @@ def launch(
     if cloud_plan:
         spec, workers = cloud_plan.spec, cloud_plan.workers
     _check_inputs(spec, workers, store)
+    warn_before_launch(spec, preset, mode, workers)  # a local run that would take days here
     if cloud_plan and not dry_run:
         _check_reachable(store)
     if cloud_plan and show_plan:

@@ -61,6 +61,34 @@ class StageError(ValueError):
     """Bad input or an unreadable source; the message is one line that says what and what is allowed."""
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a staging; the message says what stays in the store, which the same command reuses."""
+
+
+def _kept(uri: str, tokenizer: bool, uploader: Uploader | None) -> str:
+    """What an interrupted staging leaves in the store, and how to go on from there."""
+    shards = len(uploader.uploaded) + len(uploader.skipped) if uploader else 0
+    kept = ["the tokenizer"] if tokenizer else []
+    if shards:
+        kept.append(f"{shards} shard{'s' * (shards != 1)}")
+    if not kept:
+        return "nothing was uploaded yet; run the same command again to start over"
+    return (
+        f"kept in {uri}: {' and '.join(kept)}; run the same command again to continue (what is in place is "
+        "verified and not uploaded again)"
+    )
+
+
+@contextlib.contextmanager
+def _interruption_says_what_is_kept(kept: Callable[[], str]) -> Iterator[None]:
+    try:
+        yield
+    except StageInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise StageInterrupted(kept()) from None
+
+
 def _one_line(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -148,7 +176,23 @@ def _text_chars(path: Path, text_field: str) -> int | None:
         return None
 
 
-def _local_source(spec: DataConfig, path: Path) -> Source:
+def _text_split_rule(path: Path, files: list[Path]) -> dict[str, str]:
+    """Each .txt file is one document (datasets' default makes every line one, with an end-of-text token
+    after it, so the model would learn to stop after a line). A folder mixing .txt with other formats is
+    refused: datasets would read only its most common kind."""
+    formats = {_format_of(f) for f in files}
+    if "text" not in formats:
+        return {}
+    if len(formats) > 1:
+        raise StageError(
+            f"folder {path} mixes .txt files with {', '.join(sorted(f for f in formats if f != 'text'))} "
+            "files: stage each kind from a folder of its own"
+        )
+    return {"sample_by": "document"}
+
+
+def _local_files(spec: DataConfig, path: Path) -> tuple[str | None, list[Path], list[str], dict[str, Any]]:
+    """(format, files, their names in the identity, datasets.load_dataset args) of a local file or folder."""
     allowed = ", ".join(LOCAL_FORMATS)
     if spec.revision:
         raise StageError(f"--revision applies to hub datasets only; {path} is a local path")
@@ -167,12 +211,31 @@ def _local_source(spec: DataConfig, path: Path) -> Source:
             raise StageError(f"folder {path} holds no data files: expected {allowed} files")
         fmt, names = None, [f.relative_to(path).as_posix() for f in files]
         load_args = {"path": str(path), "name": spec.subset, "split": spec.split}
+    return fmt, files, names, load_args
+
+
+def check_local_dataset(spec: DataConfig) -> None:
+    """Before a run is launched: a local dataset can be read and has the text field (its first rows are read;
+    nothing is hashed or tokenized). Hub datasets are checked when staged, before any GPU is rented."""
+    path = Path(spec.dataset).expanduser()
+    if not path.exists():
+        return
+    fmt, files, names, load_args = _local_files(spec, path.resolve())
+    load_args.update(_text_split_rule(path.resolve(), files))
+    open_dataset(Source(str(path), None, {}, load_args, None), spec.text_field)
+
+
+def _local_source(spec: DataConfig, path: Path) -> Source:
+    fmt, files, names, load_args = _local_files(spec, path)
+    split_rule = _text_split_rule(path, files)
+    load_args.update(split_rule)
     identity = {
         "kind": "local",
         "format": fmt,
         "files": [[name, file_sha256(f)] for name, f in zip(names, files, strict=True)],
         "subset": spec.subset,
         "split": spec.split,
+        **split_rule,  # the rule decides the documents: a .txt staged line by line before is not reused
     }
     sizes = [_text_chars(f, spec.text_field) for f in files]
     total = None if None in sizes else sum(sizes)
@@ -547,7 +610,14 @@ def stage(
     def waiting() -> None:
         print(f"waiting for another staging of {source.dataset} on this machine", file=sys.stderr, flush=True)
 
-    with locked_work_dir(work, on_wait=waiting), contextlib.closing(StageProgress(progress)) as bar:
+    uploader: Uploader | None = None
+    tokenizer_kept = False
+    kept = lambda: _kept(store.url(prefix), tokenizer_kept, uploader)  # noqa: E731 - read at the interrupt
+    with (
+        _interruption_says_what_is_kept(kept),
+        locked_work_dir(work, on_wait=waiting),
+        contextlib.closing(StageProgress(progress)) as bar,
+    ):
         if (reused := _reuse(store, prefix, digest, t0)) is not None:
             return reused  # the staging we waited for committed it
         uploaded: list[str] = []
@@ -561,6 +631,7 @@ def stage(
         if not in_place(store, f"{prefix}/{TOKENIZER}", size, sha):
             store.put_file(work / TOKENIZER, f"{prefix}/{TOKENIZER}", sha256=sha)
             uploaded.append(TOKENIZER)
+        tokenizer_kept = True
 
         bar.phase("tokenizing", total=spec.max_tokens or source.total_chars)
         on_batch = lambda chars, docs, tokens: bar.update(tokens if spec.max_tokens else chars, docs, tokens)  # noqa: E731
