@@ -430,3 +430,15 @@ def test_activation_formula_is_what_the_decoder_saves(compiled, autocast, tie):
         assert measured < 2 * block + head_activation_bytes(spec)
         return
     assert measured == 2 * block + head_activation_bytes(spec)
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.activation_checkpointing=none"], ["model.n_layers=40"]])
+def test_the_table_and_the_notes_never_disagree_about_what_fits(overrides):
+    """Seen once on an RTX 4090: a strategy row with a max micro-batch, and a note saying nothing fits."""
+    spec = resolve("1b", overrides)
+    for gpu in CATALOG:
+        plan = make_plan(spec, parse_gpu(gpu))
+        fitting = [s for s, m in plan.memory.items() if m.max_micro_batch]
+        says_nothing_fits = any("nothing fits" in n for n in plan.notes)
+        assert says_nothing_fits == (not fitting), (gpu, fitting, plan.notes)
+        assert plan.fits == (plan.strategy in fitting), (gpu, plan.strategy, fitting)
