@@ -20,7 +20,9 @@ EPILOG = """examples:
   lmctl launch --config 124m --dry-run            render runs/<name>/ (config.yaml, task.yaml), launch nothing
   lmctl plan --gpu RTX5090 --config 1b            memory, micro-batch, tokens/s, time and cost before renting
   lmctl launch --gpu RTX5090 --config 1b --dataset HuggingFaceFW/fineweb-edu --store s3://my-bucket/lm
-                                                  stage here, then a SkyPilot managed job (spot-safe)
+                                                  shows the plan and its cost, asks, stages here, then
+                                                  submits a SkyPilot managed job (spot-safe)
+  lmctl launch --gpu H100:8 --config 1b --store s3://my-bucket/lm --yes --max-cost 500    scripts: no question
   lmctl launch --gpu H100:8 --nodes 2 --cloud aws --spot --config 1b --store s3://my-bucket/lm --dry-run
   lmctl resume big --gpu H100:4                   continue a cloud run on other GPUs (same global batch)
   lmctl status                                    every run: state, step, loss, tokens/s, last checkpoint
@@ -28,6 +30,7 @@ EPILOG = """examples:
   lmctl attach dev                                live dashboard; Ctrl-C detaches, the run goes on
   lmctl stop dev                                  checkpoint and stop; nothing left running
   lmctl resume dev                                continue from the newest committed checkpoint
+  lmctl resume dev --steps 4000                   train a stopped or finished (WSD) run on to 4000 steps
   lmctl generate dev --prompt "ROMEO:"            sample from the latest checkpoint
   lmctl export dev --hf runs/exports/dev          Hugging Face Llama folder (transformers can load it)
   lmctl plot dev                                  loss against tokens, as runs/dev/loss.png
