@@ -6,7 +6,6 @@ This module imports no torch, so the CLI can resolve and print configs instantly
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model.errors import ConfigError
+from model.errors import ConfigError, did_you_mean
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CORPUS = CONFIGS_DIR / "data" / "shakespeare.jsonl"
@@ -249,9 +248,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     known = all_keys()
     if key not in known:
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
-        raise ConfigError(f"unknown override key {key!r}{hint}")
+        hint = did_you_mean(key, known) or f"known keys: {', '.join(known)}"
+        raise ConfigError(f"unknown override key {key!r}; {hint}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else value
     except (yaml.YAMLError, ValueError, TypeError, OverflowError):  # ValueError: '!!int x'

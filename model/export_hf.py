@@ -3,6 +3,10 @@
 Our rotary convention is HF's, so the export is a rename plus splitting the fused q/k/v and
 gate/up projections. The files are written into a temporary folder next to `out_dir` and renamed
 into place at the end, so a failed export leaves nothing half-written.
+
+An export removes or moves nothing it did not write: `out_dir` must be new, an empty folder, or (with
+`force`) a previous export, which every export marks with `lmctl_export.json`. A file, or a folder of
+anything else, is refused in one line.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from safetensors.torch import save_file
 
 from model.config import ModelConfig
 from model.decoder import Decoder
+from model.errors import ConfigError, make_parent_folder
+from model.faults import fault_point
 
 EOT = "<|endoftext|>"
+MARKER = "lmctl_export.json"  # in every export: what it holds, and the sign that it is ours to replace
+MARKER_FORMAT = "lmctl-hf-export"
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DDP
 
 
@@ -108,20 +116,92 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def export_origin(out_dir: Path) -> dict | None:
+    """The marker of the lmctl export at `out_dir` ({"run", "step", ...}), or None when it holds none."""
+    try:
+        marker = json.loads((Path(out_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+
+
+def _describe(origin: dict) -> str:
+    known = [f"{k} {origin[k]}" for k in ("run", "step") if origin.get(k) is not None]
+    return " ".join(known) or "a model"
+
+
+def check_export_target(out_dir: str | Path, force: bool = False) -> Path:
+    """`out_dir` resolved (a symlink is its target), if an export may go there: a new path, an empty folder,
+    or with `force` a previous lmctl export. Anything else is refused with one ConfigError line, before
+    anything is loaded or written."""
+    out = Path(out_dir).expanduser().resolve()
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ConfigError(f"{str(out_dir)!r} is a file; choose a new folder for the export")
+    origin = export_origin(out)
+    if origin is not None:
+        if not force:
+            raise ConfigError(
+                f"{str(out_dir)!r} holds an lmctl export of {_describe(origin)}: add --force to replace it"
+            )
+        return out
+    try:
+        empty = next(out.iterdir(), None) is None
+    except OSError as e:
+        raise ConfigError(f"cannot read {str(out_dir)!r}: {e.strerror or e}; choose a new folder") from None
+    if not empty:
+        raise ConfigError(f"{str(out_dir)!r} is not empty and holds no lmctl export; choose a new folder")
+    return out
+
+
+def _new_sibling(out: Path, kind: str) -> Path:
+    """A fresh hidden name next to `out` (same filesystem, so renames between them are atomic)."""
+    return out.parent / f".{out.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """`tmp` becomes `out` by renames only. A previous export there is renamed aside first and removed last,
+    so a crash at any instant leaves the old or the new export whole (the old one as .<name>.old-*)."""
+    if export_origin(out) is None:
+        tmp.rename(out)  # a new path, or an empty folder (rename replaces an empty folder, never a full one)
+        return
+    old = _new_sibling(out, "old")
+    out.rename(old)
+    fault_point("export.replace")  # 1: the old export aside, the new one not in yet (crash tests)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)  # the previous export goes back where it was
+        raise
+    fault_point("export.replace")  # 2: the new export in, the old one not removed yet
+    shutil.rmtree(old)
+
+
 def export_hf(
     state_dict: dict[str, torch.Tensor],
     cfg: ModelConfig,
     out_dir: Path,
     tokenizer_json: Path | None = None,
     eot_id: int | None = None,
+    *,
+    force: bool = False,
+    origin: dict | None = None,
 ) -> Path:
-    """Write config.json, model.safetensors, generation_config.json (+ tokenizer files) to out_dir."""
-    out_dir = Path(out_dir)
+    """Write config.json, model.safetensors, generation_config.json (+ tokenizer files) and the marker
+    lmctl_export.json (with `origin`: the run and step) to out_dir; a previous export is replaced only if
+    `force`."""
+    out = check_export_target(out_dir, force)
     tensors = hf_state_dict(state_dict, cfg)
     dtype = tensors["model.embed_tokens.weight"].dtype
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    make_parent_folder(out)
+    tmp = _new_sibling(out, "tmp")
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write into {out.parent}: {e.strerror or e}; choose another folder"
+        ) from None
     try:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config(cfg, dtype, eot_id))
@@ -137,14 +217,9 @@ def export_hf(
                 "clean_up_tokenization_spaces": False,
             }
             _write_json(tmp / "tokenizer_config.json", tok_cfg)
-        if out_dir.exists():  # replace a previous export: move it aside, put the new one in, drop the old
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        _write_json(tmp / MARKER, {"format": MARKER_FORMAT, **(origin or {})})
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+    return out

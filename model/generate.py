@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from model.decoder import Decoder
@@ -38,8 +40,8 @@ def generate(
 
     Stops early once every row has produced eot_id; rows that finished earlier are padded with it.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # nan compares false to everything
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -14,7 +14,7 @@ import torch
 from model.checkpoint import Checkpointer
 from model.config import ConfigError, RunSpec
 from model.decoder import Decoder
-from model.export_hf import export_hf
+from model.export_hf import check_export_target, export_hf
 from model.generate import generate
 from model.staged import data_cache_dir, fetch_tokenizer
 from model.tokenizer import Tokenizer
@@ -42,7 +42,10 @@ def load_trained(checkpoints: str | Path, step: int | None = None, device: str =
         checkpoints = Path(checkpoints)
         if (checkpoints / "checkpoints").is_dir():
             checkpoints = checkpoints / "checkpoints"
-    loaded = Checkpointer(checkpoints).load(step, keys=["model"])
+    ckpt = Checkpointer(checkpoints)
+    if step is not None:
+        _check_step(ckpt, step)
+    loaded = ckpt.load(step, keys=["model"])
     if loaded is None:
         raise ConfigError(f"{checkpoints} has no committed checkpoint yet")
     state, meta = loaded
@@ -51,6 +54,20 @@ def load_trained(checkpoints: str | Path, step: int | None = None, device: str =
     model.load_state_dict(state["model"])
     tokenizer_path = fetch_tokenizer(meta["data"]["path"], data_cache_dir())
     return TrainedModel(model.to(device).eval(), spec, tokenizer_path, int(meta["step"]))
+
+
+def _check_step(ckpt: Checkpointer, step: int) -> None:
+    """A step asked for by hand must be committed (not pruned, not half-written); else say which are."""
+    steps = ckpt.committed_steps()
+    if step not in steps:
+        have = (
+            f"committed steps: {', '.join(map(str, steps))}"
+            if steps
+            else "it has no committed checkpoint yet"
+        )
+        raise ConfigError(
+            f"step {step} is not a committed checkpoint of {ckpt.root} (pruned or never saved); {have}"
+        )
 
 
 def sample(
@@ -62,7 +79,8 @@ def sample(
     top_p: float | None = None,
     seed: int = 0,
 ) -> str:
-    """Continue `prompt`; stops at end-of-text. Seeded, so the same call gives the same text."""
+    """Continue `prompt`; stops at end-of-text. Seeded, so the same call gives the same text. A setting out
+    of range is a ValueError naming it (generate checks them before any work)."""
     tok = trained.tokenizer
     device = trained.model.lm_head.weight.device
     ids = torch.tensor([tok.encode(prompt) or [tok.eot_id]], device=device)
@@ -72,10 +90,30 @@ def sample(
     return tok.decode(new)
 
 
-def export_run(checkpoints: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
-    """Hugging Face Llama folder (config.json, model.safetensors, tokenizer files) of a run's checkpoint."""
+def _run_name(checkpoints: str | Path) -> str:
+    """'dev' of .../runs/dev/checkpoints (a folder or a store URI), or of a run folder: what an export
+    records as its origin."""
+    parts = str(checkpoints).rstrip("/").split("/")
+    return parts[-2] if parts[-1] == "checkpoints" and len(parts) > 1 else parts[-1]
+
+
+def export_run(
+    checkpoints: str | Path, out_dir: str | Path, step: int | None = None, force: bool = False
+) -> Path:
+    """Hugging Face Llama folder (config.json, model.safetensors, tokenizer files) of a run's checkpoint.
+
+    `out_dir` must be new or an empty folder; a previous export (its lmctl_export.json names the run and
+    step) is replaced only with `force`. Anything else there is refused before the checkpoint is loaded.
+    """
+    check_export_target(out_dir, force)
     trained = load_trained(checkpoints, step)
-    tok = trained.tokenizer
+    origin = {"run": _run_name(checkpoints), "step": trained.step, "checkpoints": str(checkpoints)}
     return export_hf(
-        trained.model.state_dict(), trained.spec.model, Path(out_dir), trained.tokenizer_path, tok.eot_id
+        trained.model.state_dict(),
+        trained.spec.model,
+        Path(out_dir),
+        trained.tokenizer_path,
+        trained.tokenizer.eot_id,
+        force=force,
+        origin=origin,
     )

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from model.errors import ConfigError
+from model.errors import ConfigError, make_parent_folder
 from model.metrics import read_metrics
 from orchestrator import runs
 from orchestrator.progress import human
 
 STATE_STYLE = {
+    "dry-run": "dim",
     "created": "dim",
     "staging": "cyan",
     "running": "green",
@@ -147,9 +148,21 @@ def run_summary(path: Path) -> dict[str, Any]:
         "checkpoints": record.checkpoints,
         "data": record.data,
         "launches": record.launches,
+        "dry_run": runs.never_started(record),
         "path": str(path),
         **_cloud_facts(record),
     }
+
+
+def checkpoint_list(record: runs.RunRecord) -> list[dict[str, Any]]:
+    """The run's loadable checkpoints, oldest first: step, size (bytes), time (of the commit; None for
+    checkpoints older than that record) and location. Read from the COMMIT markers in the run's folder or
+    store by model.checkpoint, so only committed steps are listed; no torch. StoreError when unreadable."""
+    from dataclasses import asdict
+
+    from model.checkpoint import Checkpointer
+
+    return [asdict(c) for c in Checkpointer(record.checkpoints).committed()]
 
 
 def _gpus_text(s: dict[str, Any]) -> str:
@@ -192,6 +205,11 @@ def _state_text(state: str):
     return Text(state, style=STATE_STYLE.get(state, ""))
 
 
+def _shown_state(s: dict[str, Any]) -> str:
+    """The state column: a dry run never started reads as such, not as a run about to start."""
+    return "dry-run" if s.get("dry_run") else s["state"]
+
+
 def _num(value: Any, fmt: str = ".3f") -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -220,7 +238,7 @@ def status_table(summaries: list[dict[str, Any]]):
         table.add_row(
             s["name"],
             s["mode"],
-            _state_text(s["state"]),
+            _state_text(_shown_state(s)),
             _step_of(s),
             _num(s["loss"]),
             _rate(s),
@@ -234,14 +252,42 @@ def _when(t: float | None) -> str:
     return "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _bytes(n: int) -> str:
+    return f"{human(n)}B"
+
+
+def _checkpoints_text(s: dict[str, Any]) -> str:
+    """'200 (4.2MB, 2025-11-02 10:01:12), 150 (...)': the loadable ones, newest first."""
+    listed = s["committed_checkpoints"]
+    if listed is None:
+        return "(store not readable: see the warning above)"
+    if not listed:
+        return "(none committed yet)"
+    return ", ".join(f"{c['step']} ({_bytes(c['size'])}, {_when(c['time'])})" for c in reversed(listed))
+
+
+def checkpoints_table(listed: list[dict[str, Any]]):
+    """`lmctl checkpoints <run>`: one row per loadable checkpoint, oldest first."""
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col, justify in (("step", "right"), ("size", "right"), ("committed", "left"), ("location", "left")):
+        table.add_column(col, justify=justify, no_wrap=col != "location", overflow="fold")
+    for c in listed:
+        table.add_row(str(c["step"]), _bytes(c["size"]), _when(c["time"]), c["location"])
+    return table
+
+
 def status_detail(summary: dict[str, Any]):
     """Every fact of one run as label/value rows, for `lmctl status <run>`."""
     from rich.table import Table
 
     s = summary
-    state = _state_text(s["state"])
+    state = _state_text(_shown_state(s))
     if s["claimed_state"] != s["state"]:
         state.append(f"  (record says {s['claimed_state']}; its driver is gone)", style="dim")
+    if s.get("dry_run"):
+        state.append(f"  (rendered by launch --dry-run; lmctl resume {s['name']} starts it)", style="dim")
     mfu = "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
     val = "-" if s["val_loss"] is None else f"{s['val_loss']:.3f} (step {s['val_step']})"
     rows = [
@@ -267,6 +313,7 @@ def status_detail(summary: dict[str, Any]):
         ("message", s["message"] or "-"),
         ("store", s["store"]),
         ("checkpoints", s["checkpoints"]),
+        *([("loadable steps", _checkpoints_text(s))] if "committed_checkpoints" in s else []),
         ("data", s["data"] or "-"),
         ("path", s["path"]),
     ]
@@ -360,7 +407,7 @@ def dashboard(path: Path):
     from rich.text import Text
 
     s = run_summary(Path(path))
-    head = Text.assemble((s["name"], "bold"), "  ", _state_text(s["state"]), f"  {s['mode']}")
+    head = Text.assemble((s["name"], "bold"), "  ", _state_text(_shown_state(s)), f"  {s['mode']}")
     if s["launches"] > 1:
         head.append(f"  launch {s['launches']}", style="dim")
 
@@ -452,6 +499,18 @@ def _tokens_per_step(path: Path, train: list[dict[str, Any]]) -> float:
     return float(gbt)
 
 
+def _tmp_png_beside(out: Path) -> tuple[int, str]:
+    """A temporary file in `out`'s folder (created if missing), for an atomic rename onto `out`. A folder at
+    `out`, or a folder that cannot be created or written, is one ConfigError line."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give a file path, e.g. {out / 'loss.png'}")
+    make_parent_folder(out)
+    try:
+        return tempfile.mkstemp(dir=out.parent, prefix=".loss.", suffix=".png.tmp")
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
+
+
 def plot(path: Path, out: Path | None = None, logx: bool = False) -> Path:
     """Train and validation loss against tokens seen, as a PNG (default: <run>/loss.png), written atomically.
 
@@ -498,7 +557,7 @@ def plot(path: Path, out: Path | None = None, logx: bool = False) -> Path:
     fig.tight_layout()
 
     out = Path(out) if out is not None else path / "loss.png"
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".loss.", suffix=".png.tmp")
+    fd, tmp = _tmp_png_beside(out)
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png")

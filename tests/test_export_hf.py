@@ -71,6 +71,7 @@ def test_config_and_file_layout(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "generation_config.json",
+        "lmctl_export.json",
         "model.safetensors",
     ]
     cfg = json.loads((out / "config.json").read_text())
@@ -112,7 +113,7 @@ def test_failed_export_leaves_nothing_and_keeps_a_previous_export(tmp_path):
     before = (out / "model.safetensors").read_bytes()
     broken = {k: v for k, v in model.state_dict().items() if "layers.1." not in k}
     with pytest.raises(ValueError, match=r"missing \['layers\.1\."):
-        export_hf(broken, model.cfg, tmp_path / "hf")
+        export_hf(broken, model.cfg, tmp_path / "hf", force=True)
     with pytest.raises(ValueError, match="wrong shape"):
         export_hf(model.state_dict(), model.cfg.model_copy(update={"d_ff": 128}), tmp_path / "fresh")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dirs, no half-written "fresh"
