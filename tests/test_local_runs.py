@@ -88,6 +88,7 @@ def test_smoke_run_stages_trains_evaluates_checkpoints_and_learns(lab, tmp_path)
     assert table.returncode == 0 and "smoke" in table.stdout and "200/200" in table.stdout
     log = lmctl(lab, "logs", "smoke", "-f", timeout=30)
     assert log.returncode == 0 and "finished at step 200" in log.stdout
+    assert "val_loss" in log.stdout and "Reporting training result" not in log.stdout  # Ray's line per report
     attach = lmctl(lab, "attach", "smoke", timeout=30)
     assert attach.returncode == 0 and "finished" in attach.stdout and "200/200" in attach.stdout
 
@@ -104,6 +105,22 @@ def test_smoke_run_stages_trains_evaluates_checkpoints_and_learns(lab, tmp_path)
 
     again = lmctl(lab, "resume", "smoke")
     assert again.returncode == 2 and "nothing to resume" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_finished_local_run_is_trained_further_with_resume_steps(lab):
+    """20 steps of a WSD run, finished; `resume --steps 30` continues it from its step-20 checkpoint."""
+    args = ["--override", "train.schedule=wsd", "--override", "train.steps=20"]
+    args += ["--override", "train.log_every=1"]
+    out = lmctl(lab, "launch", "--config", "tiny", "--name", "longer", *args, "--foreground")
+    assert out.returncode == 0 and "finished at step 20" in out.stdout, out.stdout[-2000:] + out.stderr
+    more = lmctl(lab, "resume", "longer", "--steps", "30", "--foreground")
+    assert more.returncode == 0, more.stdout[-2000:] + more.stderr
+    assert "extending from 20 to 30 steps" in more.stderr and "re-warms" in more.stderr
+    assert "resumed from checkpoint at step 20" in more.stdout and "finished at step 30" in more.stdout
+    s = status(lab, "longer")
+    assert (s["state"], s["step"], s["steps"], s["last_checkpoint"]) == ("finished", 30, 30, 30)
+    assert [step for step, _ in losses(lab, "longer")] == list(range(1, 31))
+    assert_nothing_left(lab, "longer")
 
 
 def test_two_runs_at_once_do_not_interfere(lab, reference):
