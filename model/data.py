@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from model.errors import DataError
 from model.shards import Manifest, read_manifest, read_shard
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -64,9 +65,12 @@ class TokenDataset:
             info = self._infos[k]
             if self.shard_ready is not None:
                 self.shard_ready(info.name)
-            shard = read_shard(self.data_dir / info.name)
+            try:
+                shard = read_shard(self.data_dir / info.name)
+            except ValueError as e:  # missing, not a shard, truncated: it stays so however often we retry
+                raise DataError(str(e)) from None
             if shard.size != info.tokens:
-                raise ValueError(f"{info.name} holds {shard.size} tokens, the manifest says {info.tokens}")
+                raise DataError(f"{info.name} holds {shard.size} tokens, the manifest says {info.tokens}")
             self.shards[k] = shard
         return shard
 
@@ -86,6 +90,11 @@ class TokenDataset:
         out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         for row, i in enumerate(ids):
             out[row] = self.sequence(int(i))
+        if out.size and (top := int(out.max())) >= self.manifest.vocab_size:  # the embedding would fail on it
+            raise DataError(
+                f"token id {top} >= vocab_size {self.manifest.vocab_size} of the manifest ({self.split} "
+                f"split of {self.data_dir}): the shards do not belong to this manifest; stage it again"
+            )
         return out
 
 

@@ -31,6 +31,7 @@ from model.config import ConfigError, RunSpec, load_spec
 from model.store import StoreError, open_store
 from orchestrator import runs
 from orchestrator.render import render_config
+from orchestrator.sanity import warn_epochs
 from orchestrator.stage import StageError, stage
 from orchestrator.worker import say, train_worker
 
@@ -51,11 +52,12 @@ RAY_ENV = {
 
 
 def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path, progress: bool = False) -> RunSpec:
-    """Stage the dataset into the store once; config.yaml then names the staged copy (data.path)."""
+    """Stage the dataset into the store once; config.yaml then names the staged copy (data.path). Warns
+    when the run will see that data more than once."""
     from model.staged import staged_manifest
 
     if spec.data.path:
-        staged_manifest(spec.data.path)  # still there?
+        warn_epochs(spec, staged_manifest(spec.data.path))  # and still there?
         return spec
     say(f"staging {spec.data.dataset} to {record.store}")
     result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=progress)
@@ -63,6 +65,7 @@ def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path, progress: bool
         f"{'reused' if result.reused else 'staged'} {result.tokens:,} tokens at {result.dataset_uri} "
         f"({result.seconds:.1f} s)"
     )
+    warn_epochs(spec, result.manifest)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
     tmp = path / ".config.yaml.tmp"
     tmp.write_text(render_config(spec))
@@ -128,12 +131,14 @@ def pod_run_dir(name: str, store: str, workers: int) -> Path:
 
 
 def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: bool) -> str | None:
-    """Run the TorchTrainer to the end; the error's first line when it failed after all restarts."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    """Run the TorchTrainer to the end; the cause's one line when it failed: at once for an error that a
+    retry would repeat, after MAX_WORKER_FAILURES restarts otherwise (orchestrator/failures.py)."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
 
-    trainer = TorchTrainer(
-        train_worker,
+    from orchestrator.failures import failure_message, trainer
+
+    run = trainer(
+        train_loop_per_worker=train_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
             "run_dir": str(path),
@@ -155,10 +160,11 @@ def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: b
             logging_config=LoggingConfig(log_level="ERROR"),  # its INFO lines would drown ours
         ),
     )
-    result = trainer.fit()
-    if result.error is None:
-        return None
-    return (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+    try:
+        run.fit()
+    except TrainingFailedError as e:
+        return failure_message(e)
+    return None
 
 
 def outcome(spec: RunSpec, record: runs.RunRecord) -> tuple[str, int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from model.config import RunSpec, flops_per_token, human, param_count
+from model.config import ModelConfig, RunSpec, flops_per_token, human, param_count
 from model.errors import ConfigError
 from model.memory import (
     GIB,
@@ -35,6 +35,7 @@ from model.memory import (
 from orchestrator.gpus import CATALOG, CLOUDS, Gpu, GpuRequest, check_combination, viable_clouds
 
 PRICES_PATH = Path(__file__).resolve().parent.parent / "configs" / "pricing" / "prices.yaml"
+DEFAULT_MFU = 0.40  # the share of peak FLOP/s a plan assumes the training step reaches
 
 
 def gpu_bytes(gpu: Gpu) -> int:
@@ -153,6 +154,11 @@ class Plan:
         return asdict(self)
 
 
+def tokens_per_s(model: ModelConfig, peak_flops: float, mfu: float = DEFAULT_MFU) -> float:
+    """Training tokens/s of `model` on hardware of `peak_flops` FLOP/s in all, at `mfu` of that peak."""
+    return mfu * peak_flops / flops_per_token(model)
+
+
 def make_plan(
     spec: RunSpec,
     req: GpuRequest,
@@ -160,7 +166,7 @@ def make_plan(
     *,
     cloud: str | None = None,
     spot: bool = False,
-    mfu: float = 0.40,
+    mfu: float = DEFAULT_MFU,
     price: float | None = None,
     tokens: float | None = None,
     tokens_per_param: float = 20.0,
@@ -216,7 +222,7 @@ def make_plan(
 
     fpt = flops_per_token(m)
     n = param_count(m)
-    tok_s = mfu * gpu.peak_tflops * 1e12 * world / fpt
+    tok_s = tokens_per_s(m, gpu.peak_tflops * 1e12 * world, mfu)
     budget = float(tokens) if tokens is not None else tokens_per_param * n
     hours = budget / tok_s / 3600
     config_tokens = t.steps * t.global_batch_tokens

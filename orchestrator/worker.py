@@ -34,10 +34,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
 
     os.umask(0o077)  # on a pod, Ray (started by the task's script) did not get it from our driver
 
-    # Ray Train logs a line per report() call; the run's log has the metrics already.
-    logging.getLogger("ray.train.v2._internal.execution.context").addFilter(
-        lambda r: not r.getMessage().startswith("Reporting training result")
-    )
+    quiet_report_lines()
     path = Path(cfg["run_dir"])
     (path / "logs").mkdir(parents=True, exist_ok=True)  # on a pod, rank 0 may be on another node
     rank = ray.train.get_context().get_world_rank()
@@ -78,6 +75,15 @@ def train_worker(cfg: dict[str, Any]) -> None:
         raise
     if mirror:
         mirror.push_metrics(now=True)
+
+
+def quiet_report_lines() -> None:
+    """Ray Train logs `Reporting training result N: TrainingReport(...)` at INFO for every report() call, and
+    the run's log has those metrics already. Its logger is named after the file (getLogger(__file__)), not
+    the module, so it is reached through the module; WARNING and above still get through."""
+    from ray.train.v2._internal.execution import context
+
+    context.logger.setLevel(logging.WARNING)
 
 
 class StoreMirror:

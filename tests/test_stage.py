@@ -153,7 +153,7 @@ def test_the_hash_follows_content_not_names(tmp_path, data, tok_path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "txt", "parquet", "folder"])
 def test_formats(tmp_path, docs, tok_path, fmt):
-    """Every input form reaches the same tokens (text files: one document per line, as in datasets)."""
+    """Every input form reaches the same tokens (text files: one document per file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -164,8 +164,10 @@ def test_formats(tmp_path, docs, tok_path, fmt):
         src = tmp_path / "d.jsonl.gz"
         src.write_bytes(gzip.compress(write_jsonl(tmp_path / "plain.jsonl", one_line).read_bytes()))
     elif fmt == "txt":
-        src = tmp_path / "d.txt"
-        src.write_text("\n".join(one_line) + "\n")
+        src = tmp_path / "txt"
+        src.mkdir()
+        for i, d in enumerate(one_line):
+            (src / f"{i:03d}.txt").write_text(d)
     elif fmt == "parquet":
         src = tmp_path / "d.parquet"
         pq.write_table(pa.table({"text": one_line, "n": list(range(len(one_line)))}), src, row_group_size=16)
