@@ -4,14 +4,19 @@ Layout of one checkpoint:
 
     root/step_{step:09d}/<key>.pt    one torch.save file per top-level key of the state
                          meta.json   the caller's meta + step + time
-                         COMMIT      JSON {"step", "files": {name: {"size", "crc32"}}}, written last
+                         COMMIT      JSON {"step", "time", "files": {name: {"size", "crc32"}}}, written last
 
 A reader trusts a step only when its COMMIT parses and every file matches it, so a SIGKILL at any
-instant leaves the previous checkpoint usable. Nothing relies on renaming a directory: an object
-store (s3://) cannot do that atomically, but it can PUT a small COMMIT object atomically, so the same
-protocol holds there: with a store URI as root (s3://bucket/runs/r1/checkpoints, file:///...), each file
-is serialised to a local temp file exactly as for a folder, uploaded (verified), then deleted; COMMIT is
-one PUT. Loading downloads the chosen step into a local cache and verifies it against COMMIT there.
+instant leaves the previous checkpoint usable. Pruning removes COMMIT first (durably), then the rest of
+the step's folder: a crash in between leaves an uncommitted folder, never listed as loadable, that the
+next prune removes. Nothing relies on renaming a directory: an object store (s3://) cannot do that
+atomically, but it can PUT a small COMMIT object atomically, so the same protocol holds there: with a
+store URI as root (s3://bucket/runs/r1/checkpoints, file:///...), each file is serialised to a local temp
+file exactly as for a folder, uploaded (verified), then deleted; COMMIT is one PUT. Loading downloads the
+chosen step into a local cache and verifies it against COMMIT there.
+
+torch and numpy are imported where tensors are handled: listing a run's checkpoints (`lmctl status`,
+`lmctl checkpoints`) reads COMMIT markers only and must stay instant.
 """
 
 from __future__ import annotations
@@ -31,16 +36,16 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import numpy as np
-import torch
-import torch.utils.serialization.config as torch_serialization_config
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from model.faults import fault_point
 from model.shards import atomic_write, fsync_dir
 from model.store import Store, StoreError, cache_root, open_store
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +149,7 @@ class _Folder:
     interface (or _StoreFolder's), so the COMMIT protocol, pruning and verification exist once."""
 
     def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        self.root = root  # created by the first save: listing a run that saved nothing creates nothing
 
     def where(self, d: str) -> Path:
         return self.root / d
@@ -157,7 +161,7 @@ class _Folder:
         return _list(self.root / d)
 
     def begin(self, d: str) -> None:
-        (self.root / d).mkdir(exist_ok=True)
+        (self.root / d).mkdir(parents=True, exist_ok=True)
         fsync_dir(self.root)
 
     def write(self, d: str, name: str, fill: Callable[[BinaryIO], Any]) -> dict[str, int]:
@@ -177,20 +181,19 @@ class _Folder:
         return self.root / d / name
 
     def delete(self, d: str, name: str) -> None:
+        """Durably: once COMMIT's removal returns, a power cut cannot bring it back over deleted files."""
         _delete(self.root / d / name)
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(self.root / d)
 
     def remove(self, d: str) -> None:
-        with contextlib.suppress(OSError):  # missing, or a stray subdirectory: the next prune tries again
-            (self.root / d).rmdir()
+        """The step's folder and whatever is left in it (its COMMIT is gone)."""
+        shutil.rmtree(self.root / d, ignore_errors=True)  # what fails stays listed: the next prune retries
 
     def abandon(self, d: str) -> None:
         """After a failed save: drop the step's files now (a full disk gets its space back), unless its
         COMMIT made it (then the step is whole, and only something after the rename failed)."""
-        if COMMIT in self.names(d):
-            return
-        with contextlib.suppress(OSError):
-            for name in self.names(d):
-                self.delete(d, name)
+        if COMMIT not in self.names(d):
             self.remove(d)
 
 
@@ -260,6 +263,10 @@ class _StoreFolder:
         self.store.delete(f"{d}/{name}")
 
     def remove(self, d: str) -> None:
+        """The step's objects (its COMMIT is gone), its folder on a file:// store, and its cached copy."""
+        for name in self.names(d):
+            self.delete(d, name)
+        self.store.remove_empty(d)
         shutil.rmtree(self.cache / d, ignore_errors=True)  # mmap-ed tensors survive the unlink
 
     def abandon(self, d: str) -> None:
@@ -273,6 +280,8 @@ class _StoreFolder:
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Rebuild a nested dict/list/tuple with fn applied to every tensor; other leaves are deep-copied."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
@@ -284,6 +293,9 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 def _torch_save(obj: Any, f: BinaryIO) -> None:
     """torch.save without torch's zip CRC: our crc32 covers the bytes; a second pass costs ~0.2 s/GB."""
+    import torch
+    import torch.utils.serialization.config as torch_serialization_config
+
     with torch_serialization_config.patch({"save.compute_crc32": False}):
         torch.save(obj, f)
 
@@ -293,6 +305,9 @@ def _torch_save(obj: Any, f: BinaryIO) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch CPU and CUDA RNG states, as tensors and ints (loadable with weights_only)."""
+    import numpy as np
+    import torch
+
     _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {
         "python": random.getstate(),
@@ -312,6 +327,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(d: dict[str, Any]) -> None:
     """Inverse of rng_state(); missing entries (e.g. no CUDA when saved) are left alone."""
+    import numpy as np
+    import torch
+
     if "python" in d:
         version, internal, gauss_next = d["python"]
         random.setstate((version, tuple(internal), gauss_next))
@@ -335,6 +353,23 @@ def set_rng_state(d: dict[str, Any]) -> None:
 
 def _dir_name(step: int) -> str:
     return f"step_{step:09d}"
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A loadable checkpoint as its COMMIT describes it, for listings (lmctl checkpoints, status)."""
+
+    step: int
+    size: int  # bytes of its files
+    time: float | None  # when it committed; None for checkpoints older than COMMIT's "time"
+    location: str  # its folder, or its URL in a store
+
+    @classmethod
+    def of(cls, commit: dict[str, Any], where: str) -> Committed:
+        files = [f for f in commit["files"].values() if isinstance(f, dict)]
+        size = sum(f["size"] for f in files if isinstance(f.get("size"), int))
+        t = commit.get("time")
+        return cls(commit["step"], size, float(t) if isinstance(t, (int, float)) else None, where)
 
 
 class Checkpointer:
@@ -377,12 +412,10 @@ class Checkpointer:
         return self._io.where(_dir_name(step))
 
     def _delete_step(self, step: int) -> None:
-        """COMMIT first: a crash half-way leaves an uncommitted step (ignored, cleaned later), never a
-        torn committed one."""
+        """COMMIT first, then the whole folder: a crash half-way leaves an uncommitted step (never listed,
+        removed by the next prune), never a torn committed one."""
         d = _dir_name(step)
         self._io.delete(d, COMMIT)
-        for name in self._io.names(d):
-            self._io.delete(d, name)
         self._io.remove(d)
 
     # ------------------------------------------------------------ saving
@@ -414,6 +447,8 @@ class Checkpointer:
         the state kept between saves (close() drops it). Views of the same memory (tied embeddings)
         map to one copy, so the file stores them once.
         """
+        import torch
+
         old, new, memo, cuda = iter(self._buffers), [], {}, False
 
         def copy_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -452,7 +487,8 @@ class Checkpointer:
                 if i == 0:
                     fault_point("checkpoint.after_file")
             files[META] = io.write(d, META, lambda f: f.write(meta_bytes))
-            io.commit(d, json.dumps({"step": step, "files": files}, indent=1).encode())
+            commit = {"step": step, "time": time.time(), "files": files}
+            io.commit(d, json.dumps(commit, indent=1).encode())
         except BaseException:
             io.abandon(d)
             raise
@@ -504,9 +540,19 @@ class Checkpointer:
         ok = isinstance(commit, dict) and commit.get("step") == step and isinstance(commit.get("files"), dict)
         return commit if ok else None
 
+    def committed(self) -> list[Committed]:
+        """Ascending committed checkpoints (COMMIT present and well-formed; files are verified by load),
+        with their size and time as COMMIT says: one small read per step, no torch."""
+        found = []
+        for step in self._all_steps():
+            commit = self._read_commit(step)
+            if commit is not None:
+                found.append(Committed.of(commit, str(self.step_dir(step))))
+        return found
+
     def committed_steps(self) -> list[int]:
         """Ascending steps whose COMMIT marker is present and well-formed (files are verified by load)."""
-        return [s for s in self._all_steps() if self._read_commit(s) is not None]
+        return [c.step for c in self.committed()]
 
     def latest(self) -> int | None:
         steps = self.committed_steps()
@@ -549,6 +595,8 @@ class Checkpointer:
             paths[name] = self._io.local(d, name, files.get(name))  # a store downloads here
             self._verify(paths[name], files.get(name))
         meta = json.loads(_read_bytes(paths[META]))
+        import torch
+
         # weights_only=True: everything we save is tensors, containers and plain scalars (rng_state()
         # turns numpy's state into a tensor), so no pickled code runs on load.
         load = lambda k: torch.load(paths[f"{k}.pt"], map_location=map_location, weights_only=True, mmap=True)

@@ -136,11 +136,18 @@ class Store:
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys under the folder `prefix` ('' = everything), sorted."""
+        return sorted(self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: size in bytes} under the folder `prefix`: one listing, no request per object."""
         raise NotImplementedError
 
     def delete(self, key: str) -> None:
         """Remove a key; removing a missing key is not an error (as on S3)."""
         raise NotImplementedError
+
+    def remove_empty(self, prefix: str) -> None:
+        """Drop the folder `prefix` once its objects are deleted: object stores have no folders."""
 
     def check(self) -> None:
         raise NotImplementedError
@@ -257,19 +264,33 @@ class FileStore(Store):
         except (FileNotFoundError, IsADirectoryError):
             raise StoreError(f"{self.url(key)} does not exist") from None
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
         prefix = prefix.rstrip("/")
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
-            return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not _is_tmp(p.name)
-        )
+            return {}
+        sizes = {}
+        for p in base.rglob("*"):
+            if p.is_file() and not _is_tmp(p.name):
+                with contextlib.suppress(FileNotFoundError):  # deleted since the folder was read
+                    sizes[p.relative_to(self.root).as_posix()] = p.stat().st_size
+        return sizes
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def remove_empty(self, prefix: str) -> None:
+        """Remove the folder `prefix` and the folders under it that hold no object any more (temp files of
+        interrupted copies do not count), as S3 forgets a prefix with its last object: deleted checkpoints
+        and runs leave no empty folders behind. A folder that still holds an object stays."""
+        base = self._path(prefix.rstrip("/"))
+        if base.is_symlink() or not base.is_dir():
+            return
+        for folder, _, files in os.walk(base, topdown=False):  # symlinked folders are not entered
+            for name in filter(_is_tmp, files):
+                Path(folder, name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: it holds an object
+                os.rmdir(folder)
 
     def check(self) -> None:
         """The root must be a writable directory, or creatable: the nearest existing ancestor writable."""
@@ -460,16 +481,16 @@ class S3Store(Store):
                 raise
         return buf.getvalue()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
         root, prefix = (f"{self.prefix}/" if self.prefix else ""), prefix.rstrip("/")
         full = f"{self._key(prefix)}/" if prefix else root
-        keys = []
+        sizes = {}
         with self._errors("listing of", prefix or None):
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full
             ):
-                keys += [obj["Key"][len(root) :] for obj in page.get("Contents", [])]
-        return sorted(keys)
+                sizes.update({obj["Key"][len(root) :]: obj["Size"] for obj in page.get("Contents", [])})
+        return sizes
 
     def delete(self, key: str) -> None:
         with self._errors("delete of", key):

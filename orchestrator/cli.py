@@ -25,10 +25,14 @@ EPILOG = """examples:
   lmctl launch --gpu H100:8 --config 1b --store s3://my-bucket/lm --yes --max-cost 500    scripts: no question
   lmctl launch --gpu H100:8 --nodes 2 --cloud aws --spot --config 1b --store s3://my-bucket/lm --dry-run
   lmctl resume big --gpu H100:4                   continue a cloud run on other GPUs (same global batch)
-  lmctl status                                    every run: state, step, loss, tokens/s, last checkpoint
+  lmctl status                                    every run: state (dry-run if never started), step, loss, ...
+  lmctl status dev                                one run in detail, with its loadable checkpoints
+  lmctl checkpoints dev --json                    committed checkpoints: step, size, when committed, where
+  lmctl rm dev                                    remove the run's folder and store objects (asks; --yes)
   lmctl logs dev -f                               follow a run's log until it ends
   lmctl attach dev                                live dashboard; Ctrl-C detaches, the run goes on
-  lmctl stop dev                                  checkpoint and stop; nothing left running
+  lmctl stop dev                                  checkpoint and stop; nothing left running (a dead driver's
+                                                  leftovers are reaped too)
   lmctl resume dev                                continue from the newest committed checkpoint
   lmctl resume dev --steps 4000                   train a stopped or finished (WSD) run on to 4000 steps
   lmctl generate dev --prompt "ROMEO:"            sample from the latest checkpoint
@@ -464,9 +468,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from orchestrator.launch import stop
 
     path = _run_path(args)
-    before = runs.effective_state(runs.read_record(path))
+    record = runs.read_record(path)
+    before = runs.effective_state(record)
     if before not in runs.ACTIVE:
-        print(f"run {args.run} is not running ({before})")
+        dead = record.mode != "cloud" and not runs.driver_alive(record)
+        killed = runs.reap(path, record) if dead else []  # what a dead driver left behind, as resume does
+        after = runs.read_record(path).state
+        if killed or after != record.state:
+            gone = f"{len(killed)} leftover process(es) killed"
+            print(f"run {args.run} was not running (its driver is gone): {gone}; now {after}")
+        else:
+            print(f"run {args.run} is not running ({before})")
         return 0
     print(f"stopping {args.run}: checkpoint at the end of this step ...", file=sys.stderr)
     record = stop(args.run, root=args.runs_dir, timeout=args.timeout)
@@ -498,6 +510,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for path in paths:
         _refreshed(path)
     summaries = [observe.run_summary(p) for p in paths]
+    if one:  # one run's status lists its loadable checkpoints (every run's would read every store)
+        summaries[0]["committed_checkpoints"] = _checkpoints_or_warn(paths[0])
     if args.json:
         print(json.dumps(summaries[0] if one else summaries, indent=1))
         return 0
@@ -507,6 +521,77 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no runs in {_root(args)}; start one with: lmctl launch --mode local --config tiny")
         return 0
     Console().print(observe.status_detail(summaries[0]) if one else observe.status_table(summaries))
+    return 0
+
+
+def _checkpoints_or_warn(path: Path) -> list | None:
+    """The run's loadable checkpoints; None, with a warning, when its store cannot be read: status still
+    shows what it knows."""
+    from model.store import StoreError
+    from orchestrator import observe, runs
+
+    record = runs.read_record(path)
+    try:
+        return observe.checkpoint_list(record)
+    except StoreError as e:
+        print(f"warning: {record.name}: checkpoints not listed; {e}", file=sys.stderr)
+        return None
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from orchestrator import observe, runs
+
+    record = runs.read_record(_run_path(args))
+    with _unreadable_checkpoints_are_bad_input():
+        listed = observe.checkpoint_list(record)
+    if args.json:
+        print(json.dumps(listed, indent=1))
+    elif not listed:
+        print(f"run {args.run} has no committed checkpoint yet ({record.checkpoints})")
+    else:
+        from rich.console import Console
+
+        Console().print(observe.checkpoints_table(listed))
+    return 0
+
+
+def _confirm(args: argparse.Namespace, question: str, needs_yes: str) -> None:
+    """--yes, or 'y' typed on a terminal; without a terminal --yes is required (`needs_yes` says so), so a
+    script never removes anything it did not ask for by name."""
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise _config_error(needs_yes)
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise _config_error("not confirmed: nothing removed")
+
+
+def _removal_text(d: dict) -> str:
+    from orchestrator.progress import human
+
+    return "\n".join(
+        [
+            f"lmctl rm {d['run']} removes:",
+            f"  the run folder {d['folder']}/",
+            f"  {d['store_objects']} objects ({human(d['store_bytes'])}B) under {d['store_prefix']}/",
+            "  (staged datasets in the store are shared by runs and stay)",
+        ]
+    )
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from orchestrator.remove import plan_removal, remove
+
+    removal = plan_removal(args.run, root=args.runs_dir)
+    planned = removal.to_dict()
+    print(_removal_text(planned), file=sys.stderr if args.json else sys.stdout, flush=True)
+    _confirm(args, "remove?", f"lmctl rm {args.run}: add --yes to remove without a terminal; nothing removed")
+    remove(removal)
+    if args.json:
+        print(json.dumps({**planned, "removed": True}, indent=1))
+    else:
+        print(f"removed run {args.run}")
     return 0
 
 
@@ -725,9 +810,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("status", parents=[runs_dir], help="runs and their true state (instant)")
-    p.add_argument("run", nargs="?", help="one run in detail")
+    p.add_argument("run", nargs="?", help="one run in detail, with the checkpoints it can load")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "checkpoints",
+        parents=[one_run],
+        help="a run's loadable checkpoints: step, size, when committed, where",
+        description="List a run's committed checkpoints (the steps generate, export and resume can load), "
+        "from its checkpoint folder or store. Pruned or half-written steps are not listed.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_checkpoints)
+
+    p = sub.add_parser(
+        "rm",
+        parents=[one_run],
+        help="remove a run: its folder and its objects in the store (asks first)",
+        description="Remove runs/<name>/ and every object under runs/<name>/ in the run's store "
+        "(checkpoints, config, metrics). Staged datasets are shared by runs and stay. Prints what will go, "
+        "then asks; a running run is refused (lmctl stop it first).",
+    )
+    p.add_argument("--yes", action="store_true", help="remove without asking (required without a terminal)")
+    p.add_argument("--json", action="store_true", help="print what was removed as JSON (summary on stderr)")
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("logs", parents=[one_run], help="print a run's log (-f: follow until it ends)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
@@ -736,7 +843,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attach", parents=[one_run], help="live dashboard of a run; Ctrl-C detaches")
     p.set_defaults(func=cmd_attach)
 
-    p = sub.add_parser("stop", parents=[one_run], help="checkpoint and stop a run; nothing left running")
+    p = sub.add_parser(
+        "stop",
+        parents=[one_run],
+        help="checkpoint and stop a run; nothing left running (a dead driver's leftovers are reaped too)",
+    )
     p.add_argument(
         "--timeout",
         type=float,

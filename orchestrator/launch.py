@@ -275,6 +275,7 @@ def launch(
         resources, nodes = (cloud_plan.resources, hardware.nodes) if cloud_plan else (None, 1)
         (path / runs.TASK).write_text(render_task(name, store, workers, resources, nodes))
         record = runs.new_record(name, mode, "created", preset, store, workers, spec)
+        record.dry_run = dry_run
         if cloud_plan:
             _set_hardware(record, hardware, cloud_plan)
             record.micro_batch_size, record.activation_checkpointing = asked
@@ -410,8 +411,7 @@ def resume(
     if record.mode != "cloud":
         _write_config(path, spec)
         runs.update_record(path, steps=spec.train.steps)
-        if record.session:
-            runs.kill_session(record.session)  # leftovers of a crashed driver (Ray agents) must not pile up
+        runs.reap(path, record)  # leftovers of a crashed driver (Ray agents) must not pile up
         return start_driver(path)
     moved = hardware is not None
     hw = hardware or _hardware_of(record)
@@ -589,19 +589,19 @@ def stop(name: str, root: Path | None = None, timeout: float | None = None) -> r
     timeout = stop_wait_s(path, record) if timeout is None else timeout
     if record.mode == "cloud":
         return _stop_cloud(path, timeout)
-    if runs.driver_alive(record):
-        (path / runs.STOP).touch()
-        runs.update_record(path, state="stopping")
-        _wait_stopped(path, timeout, lambda: runs.driver_alive(record), poll_s=0.2)
-        if runs.driver_alive(record):  # killed just below, with the rest of its session
-            message = f"not stopped after {timeout:.0f} s, killed; resume continues from its last checkpoint"
-            runs.update_record(path, state="stopped", message=message)
-    if record.session:
-        runs.kill_session(record.session)  # a driver past its timeout, or Ray's agents it could not reap
-    record = runs.read_record(path)
-    if record.state in runs.ACTIVE:  # the driver died without saying how it ended
-        record = runs.update_record(path, state="stopped", message=record.message or "stopped by lmctl stop")
-    return record
+    if not runs.driver_alive(record):
+        runs.reap(path, record)  # its driver died: what it left behind, as resume reaps it
+        return runs.read_record(path)
+    (path / runs.STOP).touch()
+    runs.update_record(path, state="stopping")
+    _wait_stopped(path, timeout, lambda: runs.driver_alive(record), poll_s=0.2)
+    if runs.driver_alive(record):  # killed just below, with the rest of its session
+        message = f"not stopped after {timeout:.0f} s, killed; resume continues from its last checkpoint"
+        runs.update_record(path, state="stopped", message=message)
+    # a driver past its timeout, or Ray's agents it could not reap; a driver that died without saying how
+    # it ended leaves the run stopped
+    runs.reap(path, record, state="stopped", message="stopped by lmctl stop")
+    return runs.read_record(path)
 
 
 def _stop_cloud(path: Path, timeout: float) -> runs.RunRecord:

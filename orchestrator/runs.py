@@ -37,10 +37,16 @@ METRICS = "metrics.jsonl"
 STOP = "STOP"  # its presence asks the workers to checkpoint and stop at the end of the step they are in
 
 
+def store_prefix(name: str) -> str:
+    """The folder of everything a run keeps in its store (checkpoints/, config.yaml, metrics.jsonl, STOP);
+    staged datasets live beside it, under datasets/, shared by runs."""
+    return f"runs/{name}"
+
+
 def store_key(name: str, what: str) -> str:
     """Key of a run's file in its store: runs/<name>/<what>, beside checkpoints/. A cloud run's pods read
     config.yaml there and write metrics.jsonl there; a STOP there asks them to stop."""
-    return f"runs/{name}/{what}"
+    return f"{store_prefix(name)}/{what}"
 
 
 # Letters, digits, '-', '_', '.'; starts with a letter or digit; at most 64 characters. Safe as a folder
@@ -158,6 +164,7 @@ class RunRecord:
     driver: dict[str, Any] | None = None  # Process fields of the detached driver
     session: int | None = None  # its session id: every process of the run shares it
     launches: int = 0  # 1 for the launch, +1 per resume
+    dry_run: bool = False  # rendered by `launch --dry-run`: never started until launches > 0
     exit_code: int | None = None
     message: str | None = None  # why it failed or stopped, one line
     # cloud runs (mode "cloud"): what was asked for and SkyPilot's handle on it
@@ -193,7 +200,7 @@ def new_record(
         created=now,
         updated=now,
         store=store,
-        checkpoints=f"{store}/runs/{name}/checkpoints",
+        checkpoints=f"{store}/{store_key(name, 'checkpoints')}",
         data=spec.data.path,
         workers=workers,
         steps=spec.train.steps,
@@ -254,6 +261,23 @@ def _created(path: Path) -> float:
 
 def driver_alive(record: RunRecord) -> bool:
     return bool(record.driver) and Process(**record.driver).alive()
+
+
+def never_started(record: RunRecord) -> bool:
+    """A dry run that nobody has started since (`lmctl resume` starts it): nothing ran, nothing is stored."""
+    return record.dry_run and record.launches == 0 and record.state == "created"
+
+
+def reap(path: Path, record: RunRecord, state: str = "failed", message: str | None = None) -> list[int]:
+    """Clean up after a local run's driver, which must be gone or given up on: kill what is left in its
+    session (Ray's agents outlive a killed driver), and a record still claiming an active state takes
+    `state` (default failed: the driver died without saying how it ended). Returns the pids killed."""
+    killed = kill_session(record.session) if record.session else []
+    current = read_record(path)
+    if current.state in ACTIVE:
+        why = message or f"its driver died without a word; {len(killed)} leftover process(es) killed"
+        update_record(path, state=state, message=current.message or why)
+    return killed
 
 
 def effective_state(record: RunRecord) -> str:
