@@ -294,22 +294,27 @@ def _print_plan(plan) -> None:
     Console(stderr=True).print(plan_renderable(plan))
 
 
+def _confirm(args: argparse.Namespace, question: str, needs_yes: str, declined: str) -> None:
+    """--yes, or 'y' typed on a terminal. Without a terminal --yes is required (`needs_yes` says so): a
+    script never spends or removes anything it did not ask for by name."""
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise _config_error(needs_yes)
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise _config_error(f"not confirmed: {declined}")
+
+
 def _ask_to_spend(args: argparse.Namespace, verb: str):
-    """confirm(plan) for a cloud launch or resume: --yes, or a 'y' typed on a terminal. Without a terminal
-    --yes is required: a script must say it means to spend."""
-    from orchestrator.launch import Declined
+    """confirm(plan) for a cloud launch or resume: the plan's GPUs, hours and dollars, then _confirm."""
     from orchestrator.plan import human_time
 
     def confirm(plan) -> None:
         cost = f"about ${plan.cost:,.2f}" if plan.cost is not None else "cost unknown (no price; --price)"
         what = f"{plan.world} x {plan.gpu} for about {human_time(plan.hours)} ({plan.mfu:.0%} MFU), {cost}"
-        if args.yes:
-            return
-        if not sys.stdin.isatty():
-            raise _config_error(f"{verb} rents {what}: add --yes to go ahead (--max-cost USD caps it)")
-        print(f"{verb} rents {what}. Go ahead? [y/N] ", end="", file=sys.stderr, flush=True)
-        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-            raise Declined(f"not confirmed: nothing {'launched' if verb == 'launch' else 'resumed'}")
+        needs_yes = f"{verb} rents {what}: add --yes to go ahead (--max-cost USD caps it)"
+        _confirm(args, f"{verb} rents {what}. Go ahead?", needs_yes, f"nothing {verb.rstrip('e')}ed")
 
     return confirm
 
@@ -555,18 +560,6 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
-def _confirm(args: argparse.Namespace, question: str, needs_yes: str) -> None:
-    """--yes, or 'y' typed on a terminal; without a terminal --yes is required (`needs_yes` says so), so a
-    script never removes anything it did not ask for by name."""
-    if args.yes:
-        return
-    if not sys.stdin.isatty():
-        raise _config_error(needs_yes)
-    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise _config_error("not confirmed: nothing removed")
-
-
 def _removal_text(d: dict) -> str:
     from orchestrator.progress import human
 
@@ -586,7 +579,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
     removal = plan_removal(args.run, root=args.runs_dir)
     planned = removal.to_dict()
     print(_removal_text(planned), file=sys.stderr if args.json else sys.stdout, flush=True)
-    _confirm(args, "remove?", f"lmctl rm {args.run}: add --yes to remove without a terminal; nothing removed")
+    needs_yes = f"lmctl rm {args.run}: add --yes to remove without a terminal; nothing removed"
+    _confirm(args, "remove?", needs_yes, "nothing removed")
     remove(removal)
     if args.json:
         print(json.dumps({**planned, "removed": True}, indent=1))

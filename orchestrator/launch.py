@@ -121,13 +121,9 @@ def plan_cloud(spec: RunSpec, hw: Hardware, store: str, steps_left: int | None =
     return CloudPlan(spec, req.text(), workers, resources, plan)
 
 
-class Declined(ConfigError):
-    """The user answered no when asked to spend: nothing was launched."""
-
-
 def check_spending(plan, max_cost: float | None, confirm=None) -> None:
     """Before a cloud run rents anything: its planned cost is under `max_cost` (USD), then `confirm(plan)`
-    (the CLI asks, or takes --yes) raises Declined unless the user agrees."""
+    (the CLI asks, or takes --yes) raises ConfigError unless the user agrees."""
     if max_cost is not None:
         if not (math.isfinite(max_cost) and max_cost >= 0):
             raise ConfigError(f"--max-cost {max_cost}: give a number of USD >= 0")

@@ -1,6 +1,5 @@
 """Decoder shape arithmetic, init, KV cache, autocast/compile/checkpointing, and generation."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

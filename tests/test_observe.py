@@ -26,24 +26,49 @@ def render(renderable) -> str:
 
 
 def train_rec(step: int, loss: float, t: float | None = None, gbt: int = 2048) -> dict:
-    rec = {"step": step, "loss": loss, "lr": 0.003, "grad_norm": 0.9, "tokens": step * gbt,
-           "tokens_per_s": 19200.0, "mfu": None}
+    rec = {
+        "step": step,
+        "loss": loss,
+        "lr": 0.003,
+        "grad_norm": 0.9,
+        "tokens": step * gbt,
+        "tokens_per_s": 19200.0,
+        "mfu": None,
+    }
     if t is not None:
         rec["time"] = t
     return rec
 
 
-def make_run(root: Path, name: str, state: str = "finished", driver=None, steps: int = 200,
-             metrics: list[dict] | None = None, torn: str = "", log: str | None = None,
-             message: str | None = None) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    state: str = "finished",
+    driver=None,
+    steps: int = 200,
+    metrics: list[dict] | None = None,
+    torn: str = "",
+    log: str | None = None,
+    message: str | None = None,
+) -> Path:
     path = root / name
     (path / "logs").mkdir(parents=True)
     now = time.time()
     record = runs.RunRecord(
-        name=name, mode="local", state=state, preset="tiny", created=now - 100, updated=now,
-        store="file:///tmp/store", checkpoints=f"file:///tmp/store/runs/{name}/checkpoints",
-        data="file:///tmp/store/datasets/shakespeare", steps=steps, global_batch_tokens=2048,
-        driver=driver, launches=1, message=message,
+        name=name,
+        mode="local",
+        state=state,
+        preset="tiny",
+        created=now - 100,
+        updated=now,
+        store="file:///tmp/store",
+        checkpoints=f"file:///tmp/store/runs/{name}/checkpoints",
+        data="file:///tmp/store/datasets/shakespeare",
+        steps=steps,
+        global_batch_tokens=2048,
+        driver=driver,
+        launches=1,
+        message=message,
     )
     runs.write_record(path, record)
     lines = "".join(json.dumps(r) + "\n" for r in metrics or [])
@@ -105,8 +130,9 @@ def test_summary_of_finished_run(tmp_path):
 
 
 def test_summary_skips_torn_last_line_and_survives_missing_metrics(tmp_path):
-    torn = make_run(tmp_path, "torn", metrics=[train_rec(10, 6.8), train_rec(20, 6.1)],
-                    torn='{"step": 30, "loss": 5.')
+    torn = make_run(
+        tmp_path, "torn", metrics=[train_rec(10, 6.8), train_rec(20, 6.1)], torn='{"step": 30, "loss": 5.'
+    )
     s = observe.run_summary(torn)
     assert (s["step"], s["loss"]) == (20, 6.1)
 
@@ -131,24 +157,36 @@ def test_running_record_with_dead_driver_is_failed(tmp_path, spawn):
 def test_running_run_with_live_driver_has_an_eta(tmp_path, spawn):
     t0 = time.time() - 100
     metrics = [train_rec(step, 5.0, t0 + step * 0.5) for step in (10, 20, 30, 40)]  # 0.5 s per step
-    path = make_run(tmp_path, "live", state="running", driver=driver_of(spawn("sleep", "30")),
-                    metrics=metrics)
+    path = make_run(
+        tmp_path, "live", state="running", driver=driver_of(spawn("sleep", "30")), metrics=metrics
+    )
     s = observe.run_summary(path)
     assert s["state"] == "running"
     assert s["eta_s"] == pytest.approx((200 - 40) * 0.5)
 
 
 def test_eta_falls_back_to_throughput_without_times(tmp_path, spawn):
-    path = make_run(tmp_path, "old", state="running", driver=driver_of(spawn("sleep", "30")),
-                    metrics=[train_rec(10, 6.0), train_rec(20, 5.5)])
+    path = make_run(
+        tmp_path,
+        "old",
+        state="running",
+        driver=driver_of(spawn("sleep", "30")),
+        metrics=[train_rec(10, 6.0), train_rec(20, 5.5)],
+    )
     s = observe.run_summary(path)
     assert s["eta_s"] == pytest.approx(180 * 2048 / 19200.0)
 
 
 def test_status_table_and_detail_render_every_run(tmp_path, spawn):
     a = make_run(tmp_path, "alpha-run", metrics=finished_metrics())
-    b = make_run(tmp_path, "beta-run", state="running", driver=driver_of(spawn("sleep", "30")),
-                 steps=500, metrics=[train_rec(40, 6.0)])
+    b = make_run(
+        tmp_path,
+        "beta-run",
+        state="running",
+        driver=driver_of(spawn("sleep", "30")),
+        steps=500,
+        metrics=[train_rec(40, 6.0)],
+    )
     c = make_run(tmp_path, "gamma-run", state="stopped", metrics=[], message="stopped by user")
     text = render(observe.status_table([observe.run_summary(p) for p in (a, b, c)]))
     lines = text.splitlines()
@@ -222,8 +260,13 @@ def test_attach_follows_a_running_run_until_it_ends(tmp_path, spawn):
 
 
 def test_attach_detaches_on_ctrl_c(tmp_path, spawn, monkeypatch):
-    path = make_run(tmp_path, "ctrlc", state="running", driver=driver_of(spawn("sleep", "30")),
-                    metrics=[train_rec(10, 6.0)])
+    path = make_run(
+        tmp_path,
+        "ctrlc",
+        state="running",
+        driver=driver_of(spawn("sleep", "30")),
+        metrics=[train_rec(10, 6.0)],
+    )
 
     def interrupt(_seconds):
         raise KeyboardInterrupt
@@ -237,8 +280,9 @@ def test_attach_detaches_on_ctrl_c(tmp_path, spawn, monkeypatch):
 def test_dashboard_shows_progress_metrics_and_log_tail(tmp_path, spawn):
     log = "".join(f"line-{i:02d}|\n" for i in range(30))
     metrics = [*finished_metrics()[:-1], {**train_rec(120, 5.31), "mfu": 0.41}]
-    path = make_run(tmp_path, "dash", state="running", driver=driver_of(spawn("sleep", "30")),
-                    metrics=metrics, log=log)
+    path = make_run(
+        tmp_path, "dash", state="running", driver=driver_of(spawn("sleep", "30")), metrics=metrics, log=log
+    )
     text = render(observe.dashboard(path))
     assert "dash" in text and "running" in text and "120/200" in text and "60%" in text
     assert "5.310" in text and "5.250" in text and "41.0%" in text and "19.2K" in text
@@ -276,6 +320,7 @@ def test_status_imports_nothing_heavy():
         "import sys; from orchestrator import observe; "
         "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'ray', 'sky') if m in sys.modules))"
     )
-    out = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
