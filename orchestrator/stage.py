@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import queue
 import re
 import shutil
@@ -304,6 +305,8 @@ def open_dataset(source: Source, text_field: str) -> Any:
         # datasets imports torch (~1.5 s, ~300 MB) only to share an epoch counter with DataLoader workers;
         # staging has none, and the control plane does no tensor work
         datasets.config.TORCH_AVAILABLE = False
+    quiet = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # it logs a bad file's error itself: said once, below
     try:
         ds = datasets.load_dataset(**source.load_args, streaming=True)
         columns = ds.column_names
@@ -318,6 +321,8 @@ def open_dataset(source: Source, text_field: str) -> Any:
         raise StageError(f"dataset {source.dataset} is empty: it has no rows") from None
     except Exception as e:
         raise StageError(f"cannot read dataset {source.dataset}: {_one_line(e)}") from None
+    finally:
+        datasets.logging.set_verbosity(quiet)
     if text_field not in columns:
         raise StageError(
             f"dataset {source.dataset} has no field {text_field!r}; fields found: "
