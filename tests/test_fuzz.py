@@ -122,7 +122,9 @@ def test_numeric_flags(sb, c):
 def test_accepted_inputs_pass_too(sb):
     """The property's other side: good input is accepted, and what it wrote is cleared for the next case."""
     assert clean(sb, case(*STAGE, must_reject=None)) == "accepted"
-    assert clean(sb, case(*LOCAL, "--override=data.revision=2024", must_reject=None)) == "accepted"
+    assert clean(sb, case(*LOCAL, "--override=train.lr=1e-3", must_reject=None)) == "accepted"
+    # a hub revision for the local corpus: caught at launch now, not when the driver stages it
+    assert clean(sb, case(*LOCAL, "--override=data.revision=2024", names=["--revision"])) == "rejected"
     assert clean(sb, case(*CLOUD, "--name=ok-run", must_reject=None)) == "accepted"
     assert sb.state() == sb.baseline
 
