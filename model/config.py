@@ -77,7 +77,11 @@ class TrainConfig(_Strict):
     lr: float = Field(gt=0, le=1.0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr")
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "wsd"] = "cosine"
+    schedule: Literal["cosine", "wsd"] = Field(
+        "wsd",
+        description="wsd (warmup, stable, decay): the default, because `lmctl resume --steps` can extend it; "
+        "cosine's rate at every step depends on train.steps",
+    )
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps spent decaying")
     weight_decay: float = Field(0.1, ge=0, le=10)
     beta1: float = Field(0.9, ge=0, lt=1)

@@ -460,8 +460,8 @@ def extend_schedule(spec: RunSpec, steps: int, done: int, name: str) -> RunSpec:
         raise ConfigError(
             f"run {name!r} uses the cosine schedule, whose rate at every step depends on train.steps: going "
             f"to {steps} steps would lift the rate at step {done} from {lr_at(done, t):.2e} to "
-            f"{lr_at(done, longer.train):.2e}. Runs you may extend use the WSD schedule (launch with "
-            "--override train.schedule=wsd), whose decay simply moves to the new end"
+            f"{lr_at(done, longer.train):.2e}. Runs you may extend use the WSD schedule (the default; "
+            "train.schedule=wsd), whose decay simply moves to the new end"
         )
     return longer
 

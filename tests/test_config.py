@@ -34,7 +34,7 @@ def test_presets_resolve_with_expected_sizes():
         ("model.n_layers=2", ("model", "n_layers"), 2),
         ("model.d_model=192", ("model", "d_model"), 192),
         ("model.tie_embeddings=false", ("model", "tie_embeddings"), False),
-        ("train.schedule=wsd", ("train", "schedule"), "wsd"),
+        ("train.schedule=cosine", ("train", "schedule"), "cosine"),
         ("wandb.entity=me", ("wandb", "entity"), "me"),
     ],
 )

@@ -95,7 +95,7 @@ def _dry_run(runs_dir: Path, name: str, *overrides: str) -> Path:
 
 def test_resume_steps_refusals_are_one_line_and_change_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(launching, "start_driver", lambda path: pytest.fail("nothing may start"))
-    path = _dry_run(tmp_path, "cos")  # tiny: cosine, 200 steps
+    path = _dry_run(tmp_path, "cos", "train.schedule=cosine")  # tiny: 200 steps
     config, record = (path / "config.yaml").read_text(), (path / "run.json").read_text()
     for steps, expected in (("400", "cosine schedule"), ("100", "give more than 200")):
         assert main(["resume", "cos", "--steps", steps, "--runs-dir", str(tmp_path)]) == 2

@@ -20,7 +20,7 @@ def test_warmup_is_linear_to_peak():
 
 
 def test_cosine_ends_at_min_lr():
-    t = _train(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    t = _train(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1, schedule="cosine")
     assert lr_at(10, t) == pytest.approx(1e-3)
     assert lr_at(55, t) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(100, t) == pytest.approx(1e-4)
