@@ -8,6 +8,8 @@ import torch
 
 from model.decoder import Decoder
 
+MAX_CONTEXT_FACTOR = 4  # past the trained context RoPE extrapolates poorly; the KV cache grows with it
+
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Logits outside the k largest of each row become -inf."""
@@ -51,6 +53,12 @@ def generate(
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(
             f"prompt_ids must be [batch, tokens] with at least one token, got {tuple(prompt_ids.shape)}"
+        )
+    limit = MAX_CONTEXT_FACTOR * model.cfg.seq_len
+    if prompt_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"max_new_tokens {max_new_tokens} with a {prompt_ids.shape[1]}-token prompt exceeds {limit} "
+            f"tokens, {MAX_CONTEXT_FACTOR} x the model's trained context of {model.cfg.seq_len}"
         )
 
     was_training = model.training

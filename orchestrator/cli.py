@@ -635,7 +635,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     with _unreadable_checkpoints_are_bad_input():
         trained = load_trained(checkpoints, args.step)
-    text = sample(trained, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    try:
+        text = sample(
+            trained, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed
+        )
+    except ValueError as e:  # a setting the model cannot take (argparse checked the ranges)
+        raise _config_error(f"--max-tokens {args.max_tokens}: {e}") from None
     if args.json:
         print(json.dumps({"run": args.run, "step": trained.step, "prompt": args.prompt, "text": text}))
     else:

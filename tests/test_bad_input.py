@@ -217,6 +217,12 @@ def test_generate_samples_with_good_settings(runs, capsys):
     assert json.loads(capsys.readouterr().out)["step"] == 4
 
 
+def test_generate_refuses_more_tokens_than_the_model_can_hold(runs, capsys):
+    """1e9 new tokens once died allocating the KV cache; the limit is 4 x the trained context."""
+    assert main(["generate", RUN, "--runs-dir", str(runs), "--max-tokens", "1000000000"]) == 2
+    one_line_error(capsys, "--max-tokens 1000000000", "4 x the model's trained context")
+
+
 @pytest.mark.parametrize("step", ["999", "2", "-1"])  # never saved, pruned, nonsense
 @pytest.mark.parametrize("verb", ["generate", "export"])
 def test_a_step_that_is_not_committed_names_the_ones_that_are(runs, tmp_path, capsys, verb, step):
