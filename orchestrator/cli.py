@@ -482,6 +482,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         if killed or after != record.state:
             gone = f"{len(killed)} leftover process(es) killed"
             print(f"run {args.run} was not running (its driver is gone): {gone}; now {after}")
+        elif runs.never_started(record):
+            print(f"run {args.run} is a dry run, never started: `lmctl resume {args.run}` starts it")
         else:
             print(f"run {args.run} is not running ({before})")
         return 0

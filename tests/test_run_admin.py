@@ -276,6 +276,8 @@ def test_status_marks_dry_runs_never_started(runs_dir, store, capsys):
     assert rows == {"plan": "dry-run", "went": "stopped", "staging": "created"}
     detail = render(observe.status_detail(observe.run_summary(runs_dir / "plan")))
     assert "dry-run" in detail and "lmctl resume plan starts it" in detail
+    assert main(["stop", "plan"]) == 0
+    assert "is a dry run, never started: `lmctl resume plan` starts it" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- stop reaps a dead driver's leftovers
