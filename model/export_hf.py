@@ -12,6 +12,7 @@ anything else, is refused in one line.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -160,6 +161,14 @@ def _new_sibling(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
+def _clear_leftovers(out: Path) -> None:
+    """Hidden siblings that an export of `out` killed half-way left (_new_sibling's names, nothing else)."""
+    ours = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    for p in out.parent.iterdir():
+        if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """`tmp` becomes `out` by renames only. A previous export there is renamed aside first and removed last,
     so a crash at any instant leaves the old or the new export whole (the old one as .<name>.old-*)."""
@@ -222,4 +231,5 @@ def export_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _clear_leftovers(out)
     return out

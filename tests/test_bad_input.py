@@ -177,6 +177,10 @@ def test_a_crash_while_replacing_leaves_an_export_whole(tmp_path, instant):
     assert survivors[1] == old and 2 in survivors  # the old export whole (aside), the new one whole too
     if instant == 2:
         assert json.loads((out / "lmctl_export.json").read_text())["step"] == 2
+    (tmp_path / ".hf.notes").mkdir()  # hidden, but not a name an export gives: not ours to remove
+    assert run(3).returncode == 0  # the next export clears what the killed one left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.notes", "hf"]
+    assert json.loads((out / "lmctl_export.json").read_text())["step"] == 3
 
 
 # ---------------------------------------------------------------- generate, export, plot: bad values
