@@ -862,9 +862,11 @@ def build_parser() -> argparse.ArgumentParser:
         "resume",
         parents=[one_run],
         help="continue a run from its newest checkpoint",
-        description="Start a stopped or failed run again from its newest committed checkpoint. A cloud run "
-        "may move to other GPUs (--gpu, --nodes, --cloud, --spot): the global batch, and so the data order, "
-        "stay the same; the micro-batch and gradient accumulation follow the new hardware.",
+        description="Start a stopped or failed run again from its newest committed checkpoint; with "
+        "--steps, train a stopped or finished run further. A cloud run may move to other GPUs (--gpu, "
+        "--nodes, --cloud, --spot): the global batch, and so the data order, stay the same; the micro-batch "
+        "and gradient accumulation follow the new hardware. A cloud run shows the plan of the steps left and "
+        "asks first (--yes for scripts).",
     )
     p.add_argument("--foreground", action="store_true", help="stay attached: print the log until the end")
     p.add_argument(
