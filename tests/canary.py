@@ -468,6 +468,8 @@ def _verbs(ex: Exercise, umask: int, timeout: float) -> None:
         ("stop", ["stop", "local"]),
         ("resume-finished", ["resume", "local"]),
         ("resume-cloud", ["resume", "cloudy", "--yes"]),
+        ("checkpoints", ["checkpoints", "local", "--json"]),
+        ("rm", ["rm", "cloudy", "--yes"]),
     ):
         cli(label, *verb)
     record = runs.read_record(ex.base / "runs" / "local") if (ex.base / "runs" / "local").exists() else None

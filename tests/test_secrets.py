@@ -233,6 +233,10 @@ def test_canaries_appear_nowhere_and_run_state_is_owner_only(tmp_path, s3_server
     ok("stop", "not running")
     refused("resume-finished", "nothing to resume")
     refused("resume-cloud", "SkyPilot could not launch cloudy")  # staged, then no API server: refused
+    ok("checkpoints")
+    assert [c["step"] for c in json.loads(c["checkpoints"].stdout)] == [10, 20]  # read from the bucket
+    ok("rm", "cloudy")
+    assert not (ex.base / "runs" / "cloudy").exists()
 
     base = ex.base
     local = base / "runs" / "local"
