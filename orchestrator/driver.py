@@ -30,7 +30,7 @@ from pathlib import Path
 from model.config import ConfigError, RunSpec, load_spec
 from model.store import StoreError, open_store
 from orchestrator import runs
-from orchestrator.render import render_config
+from orchestrator.render import render_config, write_atomically
 from orchestrator.sanity import warn_epochs
 from orchestrator.stage import StageError, stage
 from orchestrator.worker import say, train_worker
@@ -67,9 +67,7 @@ def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path, progress: bool
     )
     warn_epochs(spec, result.manifest)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
-    tmp = path / ".config.yaml.tmp"
-    tmp.write_text(render_config(spec))
-    os.replace(tmp, path / runs.CONFIG)
+    write_atomically(path / runs.CONFIG, render_config(spec))
     runs.update_record(path, data=result.dataset_uri)
     return spec
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from model.config import ConfigError, RunSpec, load_spec, resolve
 from orchestrator import runs
-from orchestrator.render import render_config, render_task
+from orchestrator.render import render_config, render_task, write_atomically
 from orchestrator.sanity import warn_before_launch
 
 MODES = ("local", "cloud")
@@ -500,14 +500,7 @@ def _hardware_of(record: runs.RunRecord) -> Hardware:
 
 
 def _write_config(path: Path, spec: RunSpec) -> None:
-    _replace_text(path / runs.CONFIG, render_config(spec))
-
-
-def _replace_text(file: Path, text: str) -> None:
-    """Atomically: a crash leaves the old file or the new one."""
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
+    write_atomically(path / runs.CONFIG, render_config(spec))
 
 
 def _move(path: Path, record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPlan) -> None:
@@ -516,7 +509,7 @@ def _move(path: Path, record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPla
     _set_hardware(record, hw, cloud_plan)
     task = render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes)
     _write_config(path, cloud_plan.spec)
-    _replace_text(path / runs.TASK, task)
+    write_atomically(path / runs.TASK, task)
     fields = ("gpu", "nodes", "cloud", "spot", "managed", "disk_size", "image", "workers", "price_per_hour")
     runs.update_record(path, **{k: getattr(record, k) for k in fields})
 

@@ -59,3 +59,10 @@ def _indent(block: str) -> str:
 def render_config(spec: RunSpec) -> str:
     """config.yaml: the whole resolved spec, the single source of truth every worker reads."""
     return "# resolved by lmctl; workers read this file. No secrets.\n" + spec.to_yaml()
+
+
+def write_atomically(file: Path, text: str) -> None:
+    """Replace `file` with `text` by a rename: a crash leaves the old file or the new one, never half."""
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
