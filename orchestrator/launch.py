@@ -401,9 +401,9 @@ def resume(
         raise ConfigError(f"run {name!r} is a local run: --gpu and friends apply to cloud runs")
     spec, done = load_spec(path / runs.CONFIG), _trained_steps(record)
     if steps is not None:
-        spec = extend_schedule(spec, steps, done, name)
+        planned, spec = spec, extend_schedule(spec, steps, done, name)
         if notify:
-            notify(schedule_change(load_spec(path / runs.CONFIG).train, spec.train, done))
+            notify(schedule_change(planned.train, spec.train, done))
     if record.mode != "cloud":
         _write_config(path, spec)
         runs.update_record(path, steps=spec.train.steps)
