@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from model.config import resolve
 from orchestrator.cli import main
 
 
@@ -89,6 +90,7 @@ def test_dry_run_renders_a_run_that_skypilot_accepts(runs_dir, capsys):
 
     from orchestrator import runs
 
+    assert resolve("tiny").train.steps != 7  # else an ignored --override passes
     assert (
         main(["launch", "--config", "tiny", "--name", "dry", "--dry-run", "--override", "train.steps=7"]) == 0
     )
@@ -112,6 +114,7 @@ def test_dry_run_renders_a_run_that_skypilot_accepts(runs_dir, capsys):
 
 
 def test_print_config_shows_the_resolved_spec_and_writes_nothing(runs_dir, capsys):
+    assert resolve("tiny").train.lr != 0.001  # else an ignored --override passes
     assert (
         main(["launch", "--config", "tiny", "--override", "train.lr=0.001", "--wandb", "--print-config"]) == 0
     )

@@ -5,6 +5,7 @@ import yaml
 
 from model.config import (
     ConfigError,
+    RunSpec,
     all_keys,
     flops_per_token,
     load_spec,
@@ -39,19 +40,60 @@ def test_presets_resolve_with_expected_sizes():
     ],
 )
 def test_override_sets_field(override, path, value):
+    assert getattr(getattr(resolve("tiny"), path[0]), path[1]) != value  # else an ignored override passes
     spec = resolve("tiny", [override])
     assert getattr(getattr(spec, path[0]), path[1]) == value
 
 
+# A value unlike tiny's for keys whose generic choice (below) would not validate or is not a number.
+OTHER_VALUE = {
+    "model.d_model": 256,  # n_heads must divide it
+    "model.n_heads": 8,  # head_dim 16 stays even
+    "model.n_kv_heads": 1,
+    "model.seq_len": 64,  # global_batch_tokens must stay a multiple of seq_len x micro_batch_size
+    "train.global_batch_tokens": 4096,
+    "train.micro_batch_size": 4,
+    "data.dataset": "/elsewhere/corpus.jsonl",
+    "data.subset": "sample-10BT",
+    "data.split": "validation",
+    "data.revision": "main",
+    "data.text_field": "content",
+    "data.tokenizer": "/elsewhere/tokenizer.json",
+    "data.max_tokens": 1000,
+    "data.path": "/elsewhere/staged",
+    "wandb.project": "elsewhere",
+    "wandb.entity": "me",
+}
+
+
+def _other_value(key: str, current):
+    """A valid value for `key` that differs from tiny's `current` one."""
+    if key in OTHER_VALUE:
+        return OTHER_VALUE[key]
+    section, field = key.split(".")
+    choices = getattr(RunSpec.model_fields[section].annotation.model_fields[field].annotation, "__args__", ())
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, str) and choices:  # a Literal: another of its choices
+        return next(c for c in choices if c != current)
+    if isinstance(current, int):
+        return current + 1
+    if isinstance(current, float):
+        return current / 2
+    raise AssertionError(f"no other value for {key} (tiny has {current!r}): add one to OTHER_VALUE")
+
+
 def test_every_key_is_overridable():
+    """Every key, each set to a value unlike the preset's: an override that is silently dropped fails."""
     base = resolve("tiny")
     for key in all_keys():
         section, field = key.split(".")
         current = getattr(getattr(base, section), field)
-        if current is None or isinstance(current, (bool, str)):
-            continue
-        spec = resolve("tiny", [f"{key}={current}"])
-        assert getattr(getattr(spec, section), field) == current
+        value = _other_value(key, current)
+        assert value != current, key
+        text = str(value).lower() if isinstance(value, bool) else value
+        spec = resolve("tiny", [f"{key}={text}"])
+        assert getattr(getattr(spec, section), field) == value, key
 
 
 @pytest.mark.parametrize(
