@@ -1,33 +1,9 @@
-"""GPUs lmctl can rent: the catalog, `--gpu` parsing, what each cloud refuses, and SkyPilot `resources:`.
+"""GPUs lmctl can rent: `--gpu` parsing, what each cloud refuses, and SkyPilot `resources:`.
 
-Imports only the standard library and ConfigError, so the CLI stays instant.
+Imports only the standard library, ConfigError and model/hardware.py, so the CLI stays instant.
 
-Canonical names (what `--gpu` takes; matching ignores case, spaces, '-' and '_'):
-
-    RTX5090, RTX4090, RTXA6000 (alias A6000), L40S,
-    A100 (40 GB SXM4), A100-PCIE (40 GB PCIe), A100-80GB (80 GB SXM4, alias A100-80GB-SXM),
-    A100-80GB-PCIE, H100-SXM (alias H100), H100-PCIE, H100-NVL, H200 (alias H200-SXM), B200.
-
-A bare name means the SXM part everywhere, as on AWS, GCP and Lambda and in model/hardware.py: "H100" is
-the H100 SXM (989 TFLOPS) and "A100-80GB" the SXM4 80 GB. RunPod's catalog names differ (its "H100" is
-the PCIe card and its "A100-80GB" the PCIe card): the per-cloud names below translate, so `--gpu H100`
-on RunPod asks SkyPilot for RunPod's "H100-SXM".
-
-Where each per-cloud accelerator name comes from (SkyPilot 0.14.1, catalog schema v8):
-- runpod: sky/provision/runpod/utils.py GPU_NAME_MAP and sky/catalog/data_fetchers/fetch_runpod.py
-  (display name with "RTX " -> "RTX", spaces -> "-", and the overrides A100-PCIe -> A100-80GB,
-  A100-SXM -> A100-80GB-SXM, H100-PCIe -> H100). RunPod has no 40 GB A100.
-- lambda: sky/catalog/data_fetchers/fetch_lambda_cloud.py (instance gpu_<n>x_<gpu>_... -> GPU upper-cased;
-  gpu_8x_a100_80gb_sxm4 -> A100-80GB). Lambda names both H100 forms "H100" (gpu_1x_h100_pcie and
-  gpu_<n>x_h100_sxm5) and both 40 GB A100 forms "A100", so a 1-GPU Lambda request may get either form.
-- aws: sky/catalog/data_fetchers/fetch_aws.py (EC2's GPU names plus its fix-ups): A100 = p4d,
-  A100-80GB = p4de, H100 = p5 (p5.4xlarge has 1 GPU), H200 = p5e/p5en, B200 = p6-b200 and L40S = g6e.
-  The B200 and L40S names are EC2's own GpuInfo names, not checked against a downloaded catalog.
-- gcp: sky/catalog/data_fetchers/fetch_gcp.py: A100 (a2-highgpu), A100-80GB (a2-ultragpu), H100
-  (a3-highgpu), H200 (a3-ultragpu), B200 (a4). GCP offers no L40S, RTX or PCIe H100.
-- kubernetes: the names SkyPilot derives from node labels (sky/utils/gpu_names.py CANONICAL_GPU_NAMES and
-  GFDLabelFormatter in sky/provision/kubernetes/utils.py): RTX cards become "RTX5090"/"RTX4090", the
-  RTX A6000 "A6000", and every H100 form matches "H100". What a cluster really has is up to the cluster.
+The catalog (names, aliases, memory, peaks, each cloud's accelerator names and where they come from) is
+model/hardware.py's; `--gpu` takes its names and aliases ignoring case, spaces, '-' and '_' ("H100" is SXM).
 
 Which cloud offers how many GPUs per node (e.g. AWS p4d only comes with 8) is SkyPilot's catalog's
 business: its optimizer fails the launch when no instance matches, before anything is billed.
@@ -37,111 +13,22 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from model.errors import ConfigError
+from model.hardware import CATALOG, NAMES, Gpu, name_key  # CATALOG and Gpu: importers may take them from here
 
 CLOUDS = ("runpod", "lambda", "aws", "gcp", "kubernetes")
 COUNTS = (1, 2, 4, 8)  # GPUs per node
 MAX_NODES = 64
 
 
-@dataclass(frozen=True)
-class Gpu:
-    name: str  # canonical name --gpu takes, e.g. "H100-SXM"
-    memory_gb: int  # per GPU, as the vendor states it
-    peak_tflops: float  # dense bf16 with FP32 accumulate, per GPU (model/hardware.py has the same figures)
-    clouds: dict[str, str] = field(hash=False)  # cloud -> SkyPilot's accelerator name there; absent: none
-    aliases: tuple[str, ...] = ()
-
-
-# Peaks: vendor data sheets, dense (no sparsity). Memory: data sheets; B200 180 GB is what SkyPilot's own
-# fetchers record (fetch_lambda_cloud.py 184320 MiB, fetch_gcp.py 180 * 1024) and NVIDIA's DGX B200
-# (1,440 GB over 8 GPUs).
-_GPUS = (
-    Gpu("RTX5090", 32, 209.5, {"runpod": "RTX5090", "kubernetes": "RTX5090"}),
-    Gpu("RTX4090", 24, 165.2, {"runpod": "RTX4090", "kubernetes": "RTX4090"}),
-    Gpu(
-        "RTXA6000",
-        48,
-        154.8,
-        {"runpod": "RTXA6000", "lambda": "A6000", "kubernetes": "A6000"},
-        ("A6000",),
-    ),
-    Gpu("L40S", 48, 362.0, {"runpod": "L40S", "aws": "L40S", "kubernetes": "L40S"}),
-    Gpu(
-        "A100",
-        40,
-        312.0,
-        {"lambda": "A100", "aws": "A100", "gcp": "A100", "kubernetes": "A100"},
-        ("A100-40GB", "A100-SXM", "A100-40GB-SXM"),
-    ),
-    Gpu("A100-PCIE", 40, 312.0, {"lambda": "A100", "kubernetes": "A100"}, ("A100-40GB-PCIE",)),
-    Gpu(
-        "A100-80GB",
-        80,
-        312.0,
-        {
-            "runpod": "A100-80GB-SXM",
-            "lambda": "A100-80GB",
-            "aws": "A100-80GB",
-            "gcp": "A100-80GB",
-            "kubernetes": "A100-80GB",
-        },
-        ("A100-80GB-SXM", "A100-SXM-80GB"),
-    ),
-    Gpu(
-        "A100-80GB-PCIE",
-        80,
-        312.0,
-        {"runpod": "A100-80GB", "kubernetes": "A100-80GB"},
-        ("A100-PCIE-80GB",),
-    ),
-    Gpu(
-        "H100-SXM",
-        80,
-        989.0,
-        {"runpod": "H100-SXM", "lambda": "H100", "aws": "H100", "gcp": "H100", "kubernetes": "H100"},
-        ("H100", "H100-80GB", "H100-SXM5"),
-    ),
-    Gpu("H100-PCIE", 80, 756.0, {"runpod": "H100", "lambda": "H100", "kubernetes": "H100"}),
-    Gpu("H100-NVL", 94, 835.0, {"runpod": "H100-NVL", "kubernetes": "H100"}),
-    Gpu(
-        "H200",
-        141,
-        989.0,
-        {"runpod": "H200-SXM", "aws": "H200", "gcp": "H200", "kubernetes": "H200"},
-        ("H200-SXM",),
-    ),
-    Gpu(
-        "B200",
-        180,
-        2250.0,
-        {"runpod": "B200", "lambda": "B200", "aws": "B200", "gcp": "B200", "kubernetes": "B200"},
-    ),
-)
-
-CATALOG: dict[str, Gpu] = {g.name: g for g in _GPUS}
-
-
-def _key(name: str) -> str:
-    """Matching key: case, spaces, '-' and '_' do not matter ("rtx-5090" == "RTX5090")."""
-    return re.sub(r"[\s_\-]+", "", name).upper()
-
-
-_LOOKUP: dict[str, Gpu] = {}
-for _g in _GPUS:
-    for _n in (_g.name, *_g.aliases):
-        assert _LOOKUP.get(_key(_n), _g) is _g, f"GPU name {_n!r} is ambiguous"
-        _LOOKUP[_key(_n)] = _g
-
-
 def find_gpu(name: str) -> Gpu:
     """The catalog entry for a canonical name or alias; ConfigError naming the known ones otherwise."""
-    gpu = _LOOKUP.get(_key(name))
+    gpu = NAMES.get(name_key(name))
     if gpu is None:
-        close = difflib.get_close_matches(_key(name), list(_LOOKUP), n=1, cutoff=0.6)
-        hint = f" (did you mean {_LOOKUP[close[0]].name}?)" if close else ""
+        close = difflib.get_close_matches(name_key(name), list(NAMES), n=1, cutoff=0.6)
+        hint = f" (did you mean {NAMES[close[0]].name}?)" if close else ""
         raise ConfigError(f"unknown GPU {name.strip()!r}{hint}; known GPUs: {', '.join(CATALOG)}")
     return gpu
 

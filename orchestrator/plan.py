@@ -19,6 +19,7 @@ import yaml
 
 from model.config import ModelConfig, RunSpec, flops_per_token, human, param_count
 from model.errors import ConfigError
+from model.hardware import DEFAULT_MFU
 from model.memory import (
     GIB,
     STRATEGIES,
@@ -35,7 +36,6 @@ from model.memory import (
 from orchestrator.gpus import CATALOG, CLOUDS, Gpu, GpuRequest, check_combination, viable_clouds
 
 PRICES_PATH = Path(__file__).resolve().parent.parent / "configs" / "pricing" / "prices.yaml"
-DEFAULT_MFU = 0.40  # the share of peak FLOP/s a plan assumes the training step reaches
 
 
 def gpu_bytes(gpu: Gpu) -> int:
@@ -60,7 +60,7 @@ def _read_prices(path: str) -> dict:
         raise ConfigError(f"{path}: expected a 'prices:' mapping of GPU -> cloud -> on_demand/spot")
     for gpu, clouds in table.items():
         if gpu not in CATALOG or not isinstance(clouds, dict):
-            raise ConfigError(f"{path}: unknown GPU {gpu!r}; use the names in orchestrator/gpus.py")
+            raise ConfigError(f"{path}: unknown GPU {gpu!r}; use the names in model/hardware.py")
         for cloud, row in clouds.items():
             ok = cloud in CLOUDS and isinstance(row, dict) and set(row) <= {"on_demand", "spot"}
             if not ok or not all(isinstance(v, (int, float)) and v > 0 for v in row.values()):

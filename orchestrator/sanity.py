@@ -17,8 +17,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from model.config import RunSpec, human
-from model.hardware import cpu_cores, cpu_peak_flops, peak_flops
-from orchestrator.plan import DEFAULT_MFU, human_time, tokens_per_s
+from model.hardware import DEFAULT_MFU, cpu_cores, cpu_peak_flops, peak_flops
+from orchestrator.plan import human_time, tokens_per_s
 
 if TYPE_CHECKING:
     from model.shards import Manifest

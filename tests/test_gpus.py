@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from model.errors import ConfigError
-from model.hardware import peak_flops
+from model.hardware import gpu_for_device, peak_flops
 from orchestrator.gpus import (
     CATALOG,
     CLOUDS,
@@ -66,6 +66,22 @@ def test_catalog_has_the_gpus_with_their_figures():
 def test_peaks_agree_with_the_runtime_mfu_table(name):
     """model/hardware.py computes MFU on the pod from the device name; plan uses the catalog."""
     assert peak_flops(EXPECTED[name][2]) == CATALOG[name].peak_tflops * 1e12
+
+
+def test_every_rentable_gpu_is_known_by_its_device_names():
+    """One table: the peak MFU divides by on the pod (from torch's device name) is the peak a plan uses."""
+    for gpu in (g for g in CATALOG.values() if g.clouds):
+        assert gpu.devices, gpu.name
+        for device in gpu.devices:
+            assert gpu_for_device(f"NVIDIA {device}") is gpu, (gpu.name, device)
+            assert peak_flops(f"NVIDIA {device}") == gpu.peak_tflops * 1e12, (gpu.name, device)
+
+
+def test_hardware_imports_neither_torch_nor_orchestrator():
+    roots = "{m.split('.')[0] for m in sys.modules}"
+    code = f"import sys, model.hardware; print(sorted({roots} & {{'torch', 'orchestrator'}}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_runpod_names_are_skypilots():
