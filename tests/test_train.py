@@ -143,7 +143,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(small_data, refer
     spec = small_spec(small_data, "train.checkpoint_every=2")
     config = tmp_path / "config.yaml"
     config.write_text(spec.to_yaml())
-    args = ["-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path)]
+    args = ["-m", "model.train", "--run-config", str(config), "--run-dir", str(tmp_path)]
 
     crashed = _run_module(args, {"LMCTL_FAULT": fault})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
@@ -180,7 +180,7 @@ def test_fsdp_on_two_processes_then_resume_on_one(small_data, reference, tmp_pat
     spec = small_spec(small_data, "train.parallel=fsdp")
     config = tmp_path / "config.yaml"
     config.write_text(spec.to_yaml())
-    run = ["-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path)]
+    run = ["-m", "model.train", "--run-config", str(config), "--run-dir", str(tmp_path)]
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
     sharded = _run_module(
         [*torchrun, "--master_addr=127.0.0.1", *run, "--stop-at", "5"], {"OMP_NUM_THREADS": "1"}
@@ -246,12 +246,21 @@ def test_wandb_offline_run_gets_the_metrics(small_data, tmp_path, monkeypatch):
     assert [row["val_loss"] for row in history if "val_loss" in row] == val_losses(tmp_path)
 
 
+# bf16's bound, measured on CPU (torch autocast to bfloat16) over these 4 steps, as the largest relative
+# difference from the fp32 losses: the real bf16 loop 2.6e-5 (seed 1337; 8e-6 to 6.1e-5 over seeds 1, 2, 3;
+# the same with 1 or 2 threads); the same loop with the learning rate scaled by 0.25: 4.6e-2 (3.9e-2 to
+# 4.6e-2 over the seeds), by 0.5: 2.4e-2 to 2.9e-2, by 0.9: 3.9e-3 to 4.5e-3. 1e-3 sits 16x above the
+# real gap and 4x below a 10% slower rate (the bound was 5e-2: a loop learning at a quarter of the rate
+# passed).
 @pytest.mark.slow
-@pytest.mark.parametrize("option, rel", [("train.compile=true", 1e-4), ("train.precision=bf16", 5e-2)])
+@pytest.mark.parametrize("option, rel", [("train.compile=true", 1e-4), ("train.precision=bf16", 1e-3)])
 def test_compiled_and_bf16_loops_track_the_fp32_reference(small_data, reference, tmp_path, option, rel):
     """torch.compile and bf16 autocast change the arithmetic, not the function: losses stay close."""
     train(small_spec(small_data, option), tmp_path, stop_at=4)
-    assert train_losses(tmp_path) == pytest.approx(train_losses(reference)[:4], rel=rel)
+    fp32 = train_losses(reference)[:4]
+    assert train_losses(tmp_path) == pytest.approx(fp32, rel=rel)
+    if option == "train.precision=bf16":
+        assert train_losses(tmp_path) != fp32  # autocast really ran: bf16 rounding shows
 
 
 @pytest.mark.slow
@@ -260,7 +269,7 @@ def test_polite_stop_checkpoints_and_resumes_exactly(small_data, reference, tmp_
     spec = small_spec(small_data, "train.log_every=2")
     config = tmp_path / "config.yaml"
     config.write_text(spec.to_yaml())
-    args = ["-m", "model.train", "--config", str(config), "--run-dir", str(tmp_path)]
+    args = ["-m", "model.train", "--run-config", str(config), "--run-dir", str(tmp_path)]
     stopped = _run_module(args, {"LMCTL_FAULT": f"train.step:3:{sig}"})  # the signal right after step 3
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at step 3" in stopped.stdout  # seen at the end of the step it came in, checkpointed there
