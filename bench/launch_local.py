@@ -562,7 +562,7 @@ def measure_overhead(bench: Bench, reps: int, steps: int, plain_nice: int = 0) -
     }
     for rep in range(reps):
         run_dir = plain_root / f"plain-{rep}"
-        cmd = [*nice, LMCTL, "train", "--preset", "tiny", "--run-dir", str(run_dir), *ov_args]
+        cmd = [*nice, LMCTL, "train", "--config", "tiny", "--run-dir", str(run_dir), *ov_args]
         runs["plain_1proc"].append(step_times(run_plain(bench, env, cmd, run_dir)) | _load())
 
         w = launch_and_watch(bench, env, f"ray1-{rep}", overrides, workers=1)
@@ -571,7 +571,7 @@ def measure_overhead(bench: Bench, reps: int, steps: int, plain_nice: int = 0) -
         # both ranks would prepare the data into one run dir at once: give them the plain run's prepared data
         tdir = plain_root / f"torchrun-{rep}"
         cmd = [
-            *nice, TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "model.train", "--preset", "tiny",
+            *nice, TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "model.train", "--config", "tiny",
             "--run-dir", str(tdir), *ov_args, "--override", f"data.path={plain_root / 'plain-0' / 'data'}",
         ]  # fmt: skip
         runs["torchrun_2proc"].append(step_times(run_plain(bench, env, cmd, tdir)) | _load())

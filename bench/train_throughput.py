@@ -72,7 +72,7 @@ PROBE_N = 3072  # side of the square torch.mm timed between the variants' window
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--preset", help="preset name or YAML path (default: 1b on cuda; on cpu, see CPU_SHAPE)")
+    p.add_argument("--config", help="preset name or YAML path (default: 1b on cuda; on cpu, see CPU_SHAPE)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="model.n_layers=8")
     p.add_argument("--batch", type=int, help="sequences per step (default: the preset's micro_batch_size)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's model.seq_len)")
@@ -93,8 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=str(RESULTS_DIR / "train_throughput.json"))
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
-    if args.preset is None:
-        args.preset = "1b" if cuda else "tiny"
+    if args.config is None:
+        args.config = "1b" if cuda else "tiny"
         args.override = ([] if cuda else CPU_SHAPE) + args.override
     args.steps = args.steps or (20 if cuda else 10)
     args.windows = min(args.windows or (5 if cuda else 10), args.steps)
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")
     sync = (lambda: None) if cpu else torch.cuda.synchronize
     try:
-        spec = resolve(args.preset, args.override)
+        spec = resolve(args.config, args.override)
         cfg = ModelConfig.model_validate(
             {**spec.model.model_dump(), "seq_len": args.seq_len or spec.model.seq_len}
         )
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(cfg)
     dev_name = "cpu" if cpu else torch.cuda.get_device_name()
     print(
-        f"{args.preset} {' '.join(args.override)}\n{human(param_count(cfg))} params "
+        f"{args.config} {' '.join(args.override)}\n{human(param_count(cfg))} params "
         f"({human(matmul_params(cfg))} in matmuls), d_model {cfg.d_model}, {cfg.n_layers} layers, "
         f"{cfg.n_heads}/{cfg.n_kv_heads} heads, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, "
         f"tied {cfg.tie_embeddings}; batch {B} x {T} = {B * T} tokens; {fpt / 1e6:.1f} MFLOP/token"

@@ -1,4 +1,4 @@
-"""The one error type users see, and the small helpers that phrase it: kept in their own module so the CLI
+"""The error types users see, and the small helpers that phrase them: kept in their own module so the CLI
 can use them without importing pydantic."""
 
 from __future__ import annotations
@@ -7,13 +7,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
+class UserError(Exception):
+    """An error the CLI shows as its one line (`error: ...`, exit 2, no traceback): its message says what
+    failed and what to do. Subclasses say what kind of thing failed."""
+
+
 class PermanentError(Exception):
     """An error that comes back however often the same run is retried (its config, its data). Ray restarts
     workers for failures that go away (a killed worker, a lost node, a store that hiccupped); a run that hits
     one of these fails at once instead, with this error's message as its cause (orchestrator/failures.py)."""
 
 
-class ConfigError(PermanentError, ValueError):
+class ConfigError(UserError, PermanentError, ValueError):
     """A config or override the user typed is wrong; the message says what and what is allowed."""
 
 

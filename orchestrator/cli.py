@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from model.errors import did_you_mean
+from model.hardware import DEFAULT_MFU
 
 EPILOG = """examples:
   lmctl launch --mode local --config tiny         stage, then train here with 2 Ray workers (detached)
@@ -107,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model.train import main as train_main
 
     argv = ["--run-dir", args.run_dir]
-    argv += ["--config", args.config] if args.config else ["--preset", args.preset]
+    argv += ["--run-config", args.run_config] if args.run_config else ["--config", args.config]
     for o in args.override:
         argv += ["--override", o]
     if args.device:
@@ -353,21 +354,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
         print(f"dry run: rendered {path}/ (config.yaml, task.yaml, run.json); nothing launched")
         print(f"  start it:  lmctl resume {name}")
     else:
-        where = (
-            f"{record.workers} workers"
-            if record.mode == "local"
-            else f"{record.gpu} x {record.nodes} node(s)"
-        )
-        job = f", SkyPilot job {record.job_id}" if record.mode == "cloud" else ""
-        print(f"launched run {name} ({record.mode}, {where}{job}) in {path}")
+        print(f"launched run {name} ({record.mode}, {_backend(record).where(record)}) in {path}")
         if not args.foreground:
             print(f"  follow:  lmctl logs {name} -f    dashboard: lmctl attach {name}")
             print(f"  status:  lmctl status {name}    stop: lmctl stop {name}")
     if args.foreground and not args.dry_run:
-        if record.mode == "cloud":
-            from orchestrator import cloud
-
-            return cloud.tail_logs(record, follow=True)
         return _follow(args, path)
     return 0
 
@@ -400,24 +391,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
-def _follow(args: argparse.Namespace, path: Path) -> int:
-    """Stay attached to a detached run: print its log to the end. Ctrl-C stops it (checkpoint first),
-    a second Ctrl-C kills it."""
-    from orchestrator import launch, observe, runs
+def _backend(record):
+    from orchestrator import backends
 
+    return backends.of(record)
+
+
+def _follow(args: argparse.Namespace, path: Path) -> int:
+    """Stay attached to a started run: print its log to the end (its exit code). Where Ctrl-C stops the run
+    (a local run), it checkpoints first and a second Ctrl-C kills it; elsewhere Ctrl-C only detaches."""
+    from orchestrator import launch, runs
+
+    backend = _backend(runs.read_record(path))
+    if not backend.ctrl_c_stops:
+        return backend.tail_logs(path, follow=True)
     # Python leaves SIGINT ignored when its parent ignored it (a background job of a script, nohup); here a
     # SIGINT is a request to stop the run, so take it whatever we inherited.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        observe.print_log(path, follow=True)
+        backend.tail_logs(path, follow=True)
     except KeyboardInterrupt:
         print("\nstopping: checkpoint at the end of this step (Ctrl-C again to kill)", file=sys.stderr)
         try:
             record = launch.stop(path.name, root=path.parent)
         except KeyboardInterrupt:
-            record = runs.read_record(path)
-            if record.session:
-                runs.kill_session(record.session)
+            backend.cancel(path)
             runs.update_record(path, state="stopped", message="killed by a second Ctrl-C")
             return 130
         print(f"run {path.name} {record.state}: lmctl resume {path.name} continues it", file=sys.stderr)
@@ -436,7 +434,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     moved.append(args.price)
     if any(v is not None and v is not False for v in moved):  # --nodes 0 is asked for, and refused
         record = read_record(path)
-        if record.mode != "cloud":
+        if not _backend(record).rents:
             raise _config_error(f"run {args.run!r} is a local run: --gpu and friends apply to cloud runs")
         hardware = _hardware(args, record)
     record = resume(
@@ -449,20 +447,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         max_cost=args.max_cost,
         confirm=_ask_to_spend(args, "resume"),
     )
-    if record.mode == "cloud":
-        print(
-            f"resumed run {record.name} (launch {record.launches}, {record.gpu} x {record.nodes} node(s), "
-            f"SkyPilot job {record.job_id}); it continues from its newest checkpoint"
-        )
-    else:
-        print(
-            f"resumed run {record.name} (launch {record.launches}); it continues from its newest checkpoint"
-        )
+    where = f"launch {record.launches}, {_backend(record).where(record)}"
+    print(f"resumed run {record.name} ({where}); it continues from its newest checkpoint")
     if args.foreground:
-        if record.mode == "cloud":
-            from orchestrator import cloud
-
-            return cloud.tail_logs(record, follow=True)
         return _follow(args, path)
     print(f"  follow:  lmctl logs {record.name} -f    dashboard: lmctl attach {record.name}")
     return 0
@@ -476,8 +463,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     record = runs.read_record(path)
     before = runs.effective_state(record)
     if before not in runs.ACTIVE:
-        dead = record.mode != "cloud" and not runs.driver_alive(record)
-        killed = runs.reap(path, record) if dead else []  # what a dead driver left behind, as resume does
+        backend = _backend(record)
+        killed = [] if backend.active(path) else backend.reap(path)  # what a dead driver left, as resume does
         after = runs.read_record(path).state
         if killed or after != record.state:
             gone = f"{len(killed)} leftover process(es) killed"
@@ -495,15 +482,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _refreshed(path: Path) -> None:
-    """A cloud run's record brought up to date from SkyPilot and the store; the last known state (with a
-    warning) when they cannot be reached."""
-    from orchestrator import cloud, runs
+    """A run's record brought up to date by its backend (a cloud run's from SkyPilot and the store); the
+    last known state (with a warning) when they cannot be reached."""
+    from orchestrator import runs
 
     record = runs.read_record(path)
-    if record.mode != "cloud" or record.state not in runs.ACTIVE:
-        return
     try:
-        cloud.refresh(path)
+        _backend(record).refresh(path)
     except Exception as e:  # noqa: BLE001 - status must still show what it knows
         print(f"warning: {record.name}: last known state shown; {str(e).splitlines()[0]}", file=sys.stderr)
 
@@ -592,22 +577,17 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from orchestrator import cloud, observe, runs
+    from orchestrator import runs
 
     path = _run_path(args)
-    record = runs.read_record(path)
-    if record.mode == "cloud" and record.job_id is not None:
-        return cloud.tail_logs(record, follow=args.follow)
-    observe.print_log(path, follow=args.follow)
-    return 0
+    return _backend(runs.read_record(path)).tail_logs(path, follow=args.follow)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    from orchestrator import observe, runs
+    from orchestrator import observe
 
     path = _run_path(args)
-    cloud_run = runs.read_record(path).mode == "cloud"
-    if observe.attach(path, refresh=(lambda: _refreshed(path)) if cloud_run else None) == "detached":
+    if observe.attach(path, refresh=lambda: _refreshed(path)) == "detached":
         print(f"detached; the run goes on (lmctl attach {args.run} to come back)", file=sys.stderr)
     return 0
 
@@ -699,6 +679,11 @@ def _add_source_flags(p) -> None:
     )
 
 
+def _add_mfu_flag(p) -> None:
+    help_ = f"model FLOPs utilization the plan assumes (default {DEFAULT_MFU:.2f})"
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=help_)
+
+
 def _add_hardware_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cloud (SkyPilot)")
     g.add_argument(
@@ -714,7 +699,7 @@ def _add_hardware_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disk-size", type=int, help="GB of disk per node (default 128)")
     g.add_argument("--image", help="image_id, e.g. docker:nvcr.io/nvidia/pytorch:25.01-py3")
     g.add_argument("--price", type=float, help="USD per GPU-hour for the plan (default: the price table)")
-    g.add_argument("--mfu", type=float, default=0.40, help="MFU the plan assumes (default 0.40)")
+    _add_mfu_flag(g)
     g.add_argument("--yes", action="store_true", help="rent without asking (required without a terminal)")
     g.add_argument(
         "--max-cost", type=float, metavar="USD", help="refuse if the plan's cost (at --mfu) is above this"
@@ -898,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, help="nodes (default 1)")
     p.add_argument("--cloud", help="runpod, lambda, aws, gcp or kubernetes (default: the cheapest)")
     p.add_argument("--spot", action="store_true", help="spot prices")
-    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilization to assume (default 0.40)")
+    _add_mfu_flag(p)
     p.add_argument("--price", type=float, help="USD per GPU-hour (default: the shipped price table)")
     p.add_argument("--tokens", type=_count, help="token budget, e.g. 26B (default: 20 x parameters)")
     p.add_argument("--tokens-per-param", type=float, default=20.0, help="budget per parameter (default 20)")
@@ -945,8 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the training loop in this process. Resumes from the run's newest checkpoint.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="preset name (tiny, 124m, 350m, 1b) or a YAML path")
-    src.add_argument("--config", help="a run's resolved config.yaml")
+    src.add_argument("--config", help="preset name (tiny, 124m, 350m, 1b) or a YAML path, as for launch")
+    src.add_argument("--run-config", metavar="FILE", help="a run's resolved config.yaml (what workers read)")
     p.add_argument("--run-dir", required=True, help="where checkpoints/ and metrics.jsonl go")
     p.add_argument(
         "--override", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=100"
@@ -1027,7 +1012,7 @@ def _run_verb(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from model.errors import ConfigError
+    from model.errors import UserError
 
     # Run state (run directories, logs, metrics, checkpoints and their cache, exports) is the owner's alone
     # whatever the caller's umask; the driver started from here inherits it. `stage` writes datasets, which
@@ -1037,7 +1022,7 @@ def _run_verb(argv: list[str] | None) -> int:
         os.umask(umask | 0o022)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

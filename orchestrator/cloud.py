@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.errors import ConfigError
+from model.errors import UserError
 from orchestrator import runs
 
 SECRET_NAMES = (
@@ -44,8 +44,9 @@ STATES = {
 }  # anything else (FAILED, FAILED_SETUP, FAILED_DRIVER, FAILED_NO_RESOURCE, ...): failed
 
 
-class CloudError(ConfigError):
-    """SkyPilot refused or failed a request: one line, exit 2, like any bad input."""
+class CloudError(UserError):
+    """SkyPilot refused or failed a request (no capacity, no credentials, its API server down): not a
+    mistake in the config, but one line all the same."""
 
 
 def secrets_from_env(store: str) -> dict[str, str]:
@@ -208,10 +209,7 @@ def refresh(path: Path) -> runs.RunRecord:
     if state == "running" and record.state == "stopping":
         state = "stopping"  # asked to stop; the workers have not seen it yet
     elif state == "finished":
-        from model.checkpoint import Checkpointer
-
-        done = Checkpointer(record.checkpoints).latest() or 0
-        state = "finished" if done >= record.steps else "stopped"
+        state, _ = runs.outcome(record.checkpoints, record.steps)
     message = info.message if state == "failed" else record.message
     return runs.update_record(
         path, state=state, job_seconds=info.seconds, recoveries=info.recoveries, message=message

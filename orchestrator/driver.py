@@ -30,10 +30,9 @@ from pathlib import Path
 from model.config import ConfigError, RunSpec, load_spec
 from model.store import StoreError, open_store
 from orchestrator import runs
-from orchestrator.render import render_config, write_atomically
-from orchestrator.sanity import warn_epochs
-from orchestrator.stage import StageError, stage
-from orchestrator.worker import say, train_worker
+from orchestrator.runs import say
+from orchestrator.stage import StageError, stage_for_run
+from orchestrator.worker import train_worker
 
 MAX_WORKER_FAILURES = 3
 NODES_TIMEOUT_S = 600  # how long the head waits for the other nodes to join its Ray cluster
@@ -51,25 +50,8 @@ RAY_ENV = {
 }
 
 
-def stage_data(spec: RunSpec, record: runs.RunRecord, path: Path, progress: bool = False) -> RunSpec:
-    """Stage the dataset into the store once; config.yaml then names the staged copy (data.path). Warns
-    when the run will see that data more than once."""
-    from model.staged import staged_manifest
-
-    if spec.data.path:
-        warn_epochs(spec, staged_manifest(spec.data.path))  # and still there?
-        return spec
-    say(f"staging {spec.data.dataset} to {record.store}")
-    result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=progress)
-    say(
-        f"{'reused' if result.reused else 'staged'} {result.tokens:,} tokens at {result.dataset_uri} "
-        f"({result.seconds:.1f} s)"
-    )
-    warn_epochs(spec, result.manifest)
-    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
-    write_atomically(path / runs.CONFIG, render_config(spec))
-    runs.update_record(path, data=result.dataset_uri)
-    return spec
+class ClusterError(RuntimeError):
+    """The Ray cluster did not form (a node never joined): the machines' fault, not the config's or data's."""
 
 
 def start_ray(workers: int, address: str | None, nodes: int = 1) -> None:
@@ -106,7 +88,7 @@ def wait_for_nodes(nodes: int) -> None:
     deadline = time.monotonic() + NODES_TIMEOUT_S
     while (alive := sum(n["Alive"] for n in ray.nodes())) < nodes:
         if time.monotonic() > deadline:
-            raise StageError(f"only {alive} of {nodes} nodes joined the Ray cluster in {NODES_TIMEOUT_S} s")
+            raise ClusterError(f"only {alive} of {nodes} nodes joined the Ray cluster in {NODES_TIMEOUT_S} s")
         time.sleep(1)
     say(f"{nodes} node{'s' * (nodes > 1)} in the Ray cluster")
 
@@ -124,7 +106,7 @@ def pod_run_dir(name: str, store: str, workers: int) -> Path:
     if (path / runs.RUN_RECORD).exists():
         runs.update_record(path, workers=workers)  # a rerun on the same node
     else:
-        runs.write_record(path, runs.new_record(name, "pod", "staging", name, store, workers, spec))
+        runs.write_record(path, runs.new_record(name, "cloud", "staging", name, store, workers, spec))
     return path
 
 
@@ -138,13 +120,14 @@ def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: b
     run = trainer(
         train_loop_per_worker=train_worker,
         train_loop_config={
-            "spec": spec.model_dump(mode="json"),
+            "spec": spec,  # the validated spec itself (Ray pickles it), not a dict to validate again
             "run_dir": str(path),
             "checkpoints": record.checkpoints,
             "device": "cuda" if use_gpu else "cpu",
-            # On a pod: rank 0 may be on another node, so it logs through Ray (to SkyPilot's log), mirrors
-            # metrics.jsonl to the store and looks for STOP there.
-            "store": record.store if pod else None,
+            "store": record.store,  # where rank 0 looks for STOP (runs.StopRequest)
+            # On a pod rank 0 may be on another node: it logs through Ray (to SkyPilot's log) and mirrors
+            # metrics.jsonl to the store.
+            "pod": pod,
         },
         scaling_config=ScalingConfig(
             num_workers=record.workers,
@@ -165,14 +148,6 @@ def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: b
     return None
 
 
-def outcome(spec: RunSpec, record: runs.RunRecord) -> tuple[str, int]:
-    """finished when the last step is committed, else stopped; with that step."""
-    from model.checkpoint import Checkpointer
-
-    step = Checkpointer(record.checkpoints).latest() or 0
-    return ("finished" if step >= spec.train.steps else "stopped"), step
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m orchestrator.driver", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", nargs="?", help="the run directory lmctl rendered (config.yaml, run.json)")
@@ -187,17 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give a run directory, or --pod RUN with --store and --workers")
     path = pod_run_dir(args.pod, args.store, args.workers) if args.pod else Path(args.run_dir).resolve()
 
-    stop_file = path / runs.STOP
+    record = runs.read_record(path)
+    stop = runs.StopRequest(record.store, record.name)
 
     def ask_stop(signum, frame) -> None:
-        stop_file.touch()
-        if args.pod:  # rank 0 may be on another node: it looks for STOP in the store
-            open_store(args.store).put_bytes(runs.store_key(args.pod, runs.STOP), b"")
+        stop.ask()
         runs.update_record(path, state="stopping")
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts
 
-    stop_file.unlink(missing_ok=True)
-    record = runs.read_record(path)
     record = runs.update_record(
         path,
         driver=runs.Process.of(os.getpid()).__dict__,
@@ -210,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(path / runs.CONFIG)
         with ThreadPoolExecutor(1) as pool:  # staging (CPU) overlaps Ray's start (mostly waiting)
-            staged = pool.submit(stage_data, spec, record, path)
+            staged = pool.submit(stage_for_run, spec, record, path)
             t0 = time.perf_counter()
             start_ray(record.workers, args.address, args.nodes)
             signal.signal(signal.SIGTERM, ask_stop)  # ray.init installs its own handlers
@@ -228,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             say(f"Ray up in {time.perf_counter() - t0:.1f} s")
             spec = staged.result()
         say(f"starting {record.workers} {'GPU' if use_gpu else 'CPU'} workers")
-        if not stop_file.exists():
+        if not stop.asked():
             runs.update_record(path, state="running")
         message = fit(spec, record, path, use_gpu, pod=bool(args.pod))
         if message is None:
-            state, step = outcome(spec, record)
+            state, step = runs.outcome(record.checkpoints, spec.train.steps)
             code, message = 0, f"{state} at step {step}"
-    except (ConfigError, StoreError, StageError) as e:
+    except (ConfigError, StoreError, StageError, ClusterError) as e:
         message = str(e)
     except Exception as e:  # noqa: BLE001 - the record must say why the run ended
         message = f"{type(e).__name__}: {e}".splitlines()[0]

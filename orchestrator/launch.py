@@ -1,36 +1,30 @@
 """Launch, resume and stop runs. Each is one function a notebook could call; the CLI is a thin layer.
 
-launch: validate everything first (nothing is written for bad input), render runs/<name>/, then
-  local: start the driver (orchestrator/driver.py) detached in its own session, logging to logs/driver.log;
-  cloud: stage the data into the store from here (GPUs never wait for tokenization), put config.yaml
-  beside the checkpoints, and submit task.yaml to SkyPilot (orchestrator/cloud.py) as a managed job.
-resume: start the driver (or the job) again; the workers continue from the newest committed checkpoint
-  in the store, with the same data order. A cloud run may move to other GPUs (same global batch).
-stop: ask the workers to checkpoint and stop (the STOP file; for a cloud run, STOP in the store), wait,
-  then reap whatever is left (cancel the job).
+launch: validate everything first (nothing is written for bad input), render runs/<name>/, then start it
+  on its backend (orchestrator/backends.py: the driver detached here, or a SkyPilot job).
+resume: start it again; the workers continue from the newest committed checkpoint in the store, with the
+  same data order. A cloud run may move to other GPUs (same global batch).
+stop: ask the workers to checkpoint and stop (runs.StopRequest, in the store), wait, then end whatever is
+  left (the backend cancels it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import ConfigError, RunSpec, load_spec, resolve
-from orchestrator import runs
-from orchestrator.render import render_config, render_task, write_atomically
+from model.hardware import DEFAULT_MFU
+from orchestrator import backends, runs
+from orchestrator.render import render_task, write_atomically, write_config
 from orchestrator.sanity import warn_before_launch
 
-MODES = ("local", "cloud")
 DISK_GB = 128  # per node: data cache, checkpoint staging, the venv; SkyPilot's default (256) is billed
 JOB_RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 2}  # managed jobs
-STOP_POLL_S = 5.0
 
 
 @dataclass
@@ -45,7 +39,7 @@ class Hardware:
     disk_size: int = DISK_GB
     image: str | None = None
     price: float | None = None  # USD per GPU-hour; None: configs/pricing/prices.yaml
-    mfu: float = 0.40
+    mfu: float = DEFAULT_MFU
 
 
 @dataclass
@@ -145,8 +139,10 @@ def check_spending(plan, max_cost: float | None, confirm=None) -> None:
 def _stage_what_it_trains_on(spec: RunSpec) -> RunSpec:
     """A hub dataset is staged up to the tokens the run trains on (plus the held-out share), not whole:
     fineweb-edu has over a trillion tokens. data.max_tokens set by hand wins."""
+    from orchestrator.stage import looks_local
+
     d = spec.data
-    if d.path or d.max_tokens or _looks_local(d.dataset):
+    if d.path or d.max_tokens or looks_local(d.dataset):
         return spec
     needed = math.ceil(spec.train.steps * spec.train.global_batch_tokens / (1 - d.val_fraction))
     data = d.model_copy(update={"max_tokens": needed})
@@ -156,6 +152,7 @@ def _stage_what_it_trains_on(spec: RunSpec) -> RunSpec:
 def _check_inputs(spec: RunSpec, workers: int, store: str) -> None:
     """Everything that can be checked before writing: batch split, data source, store URI."""
     from model.store import StoreError, open_store
+    from orchestrator.stage import StageError, check_local_dataset, looks_local
 
     if not 1 <= workers <= 1024:
         raise ConfigError(f"--workers {workers}: must be between 1 and 1024")
@@ -178,14 +175,12 @@ def _check_inputs(spec: RunSpec, workers: int, store: str) -> None:
                 f"{manifest.vocab_size} (model.vocab_size), or stage the data with --vocab-size "
                 f"{spec.model.vocab_size}"
             )
-    elif _looks_local(spec.data.dataset) and not _present(spec.data.dataset):
+    elif looks_local(spec.data.dataset) and not _present(spec.data.dataset):
         raise ConfigError(
             f"data.dataset {spec.data.dataset!r}: no such file or folder (give a local path or a hub id "
             "org/name)"
         )
     elif _present(spec.data.dataset):
-        from orchestrator.stage import StageError, check_local_dataset
-
         try:
             check_local_dataset(spec.data)
         except StageError as e:
@@ -202,11 +197,6 @@ def _present(path: str, file: bool = False) -> bool:
         return Path(path).is_file() if file else Path(path).exists()
     except OSError:
         return False
-
-
-def _looks_local(dataset: str) -> bool:
-    local_suffixes = (".jsonl", ".json", ".txt", ".parquet", ".gz")
-    return dataset.startswith((".", "/", "~")) or Path(dataset).suffix in local_suffixes
 
 
 def launch(
@@ -229,10 +219,8 @@ def launch(
     (cloud, when `hardware` is given). Raises ConfigError, writing nothing, for any bad input.
     show_plan(plan) is called for a cloud run before anything is spent; then the plan's cost is held to
     `max_cost` and, unless dry_run, `confirm(plan)` may decline (check_spending)."""
-    mode = mode or ("cloud" if hardware else "local")
-    if mode not in MODES:
-        raise ConfigError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
-    if (mode == "cloud") != (hardware is not None):
+    backend = backends.for_mode(mode or ("cloud" if hardware else "local"))
+    if backend.rents != (hardware is not None):
         raise ConfigError(
             "--gpu is for cloud runs (drop --mode local)"
             if hardware
@@ -252,7 +240,7 @@ def launch(
     if cloud_plan:
         spec, workers = cloud_plan.spec, cloud_plan.workers
     _check_inputs(spec, workers, store)
-    warn_before_launch(spec, preset, mode, workers)  # a local run that would take days here
+    warn_before_launch(spec, preset, backend.mode, workers)  # a local run that would take days here
     if cloud_plan and not dry_run:
         _check_reachable(store)
     if cloud_plan and show_plan:
@@ -267,10 +255,10 @@ def launch(
     try:
         os.chmod(path, 0o700)  # run state stays the owner's
         (path / "logs").mkdir()
-        (path / runs.CONFIG).write_text(render_config(spec))
+        write_config(path, spec)
         resources, nodes = (cloud_plan.resources, hardware.nodes) if cloud_plan else (None, 1)
         (path / runs.TASK).write_text(render_task(name, store, workers, resources, nodes))
-        record = runs.new_record(name, mode, "created", preset, store, workers, spec)
+        record = runs.new_record(name, backend.mode, "created", preset, store, workers, spec)
         record.dry_run = dry_run
         if cloud_plan:
             _set_hardware(record, hardware, cloud_plan)
@@ -284,7 +272,7 @@ def launch(
         shutil.rmtree(path, ignore_errors=True)  # nothing half-written
         raise
     if not dry_run:
-        record = start_cloud(path) if cloud_plan else start_driver(path)
+        record = backend.start(path)
     return Launched(name, path, record, spec)
 
 
@@ -308,62 +296,6 @@ def _set_hardware(record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPlan) -
     record.price_per_hour = None if price is None else price * plan.world
 
 
-def start_cloud(path: Path, progress: bool = True) -> runs.RunRecord:
-    """Stage the data here (once; GPUs never wait for it), put config.yaml in the store where the pods
-    read it, and submit the task to SkyPilot with the credentials attached as secrets."""
-    from model.store import StoreError, open_store
-    from orchestrator import cloud
-    from orchestrator.driver import stage_data
-    from orchestrator.stage import StageError
-
-    record = runs.read_record(path)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is for results (--json)
-            spec = stage_data(load_spec(path / runs.CONFIG), record, path, progress=progress)
-        bucket = open_store(record.store)
-        bucket.put_file(path / runs.CONFIG, runs.store_key(record.name, runs.CONFIG))
-        if bucket.exists(runs.store_key(record.name, runs.STOP)):
-            bucket.delete(runs.store_key(record.name, runs.STOP))  # an earlier `lmctl stop` is answered
-    except (StoreError, StageError) as e:
-        message = f"could not stage {record.name}'s data into {record.store}: {e}"
-        runs.update_record(path, state="failed", message=message)
-        raise ConfigError(f"{message}; `lmctl resume {record.name}` retries") from None
-    record = runs.update_record(
-        path,
-        state="starting",
-        launches=record.launches + 1,
-        exit_code=None,
-        message=None,
-        data=spec.data.path,
-    )
-    try:
-        submitted = cloud.submit(record, path / runs.TASK, cloud.secrets_from_env(record.store))
-    except cloud.CloudError as e:
-        runs.update_record(path, state="failed", message=str(e))
-        raise
-    return runs.update_record(path, job_id=submitted.job_id, cluster=submitted.cluster)
-
-
-def start_driver(path: Path) -> runs.RunRecord:
-    """Start `python -m orchestrator.driver` detached: its own session, so it outlives this command and
-    every process of the run can be found (and reaped) by session id."""
-    record = runs.read_record(path)
-    runs.update_record(path, launches=record.launches + 1, exit_code=None, message=None)
-    with open(path / runs.LOG, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.driver", str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=str(Path(__file__).resolve().parent.parent),
-        )
-    # One write, so the record never claims an active state without naming a live driver. The driver's own
-    # first write (pid, session) says the same; it reaches "running" only seconds later.
-    driver = runs.Process.of(proc.pid).__dict__
-    return runs.update_record(path, state="staging", driver=driver, session=proc.pid)
-
-
 def resume(
     name: str,
     root: Path | None = None,
@@ -382,11 +314,8 @@ def resume(
     its schedule changes. A cloud run shows its plan for the steps left (show_plan), held to max_cost and
     confirm() as a launch is, before anything is written or rented."""
     path = runs.find_run(runs.runs_root(root), name)
-    record = runs.read_record(path)
-    if record.mode == "cloud" and record.state in runs.ACTIVE:
-        from orchestrator import cloud
-
-        record = cloud.refresh(path)  # is it still running?
+    backend = backends.of(runs.read_record(path))
+    record = backend.refresh(path)  # is it still running?
     state = runs.effective_state(record)
     if state in runs.ACTIVE:
         raise ConfigError(
@@ -397,21 +326,26 @@ def resume(
             f"run {name!r} has finished all {record.steps} steps, so there is nothing to resume; "
             f"`lmctl resume {name} --steps N` trains it further"
         )
-    if record.mode != "cloud" and hardware:
+    if hardware and not backend.rents:
         raise ConfigError(f"run {name!r} is a local run: --gpu and friends apply to cloud runs")
     spec, done = load_spec(path / runs.CONFIG), _trained_steps(record)
     if steps is not None:
         planned, spec = spec, extend_schedule(spec, steps, done, name)
         if notify:
             notify(schedule_change(planned.train, spec.train, done))
-    if record.mode != "cloud":
-        _write_config(path, spec)
-        runs.update_record(path, steps=spec.train.steps)
-        runs.reap(path, record)  # leftovers of a crashed driver (Ray agents) must not pile up
-        return start_driver(path)
-    moved = hardware is not None
+    spec = backend.plan_resume(path, record, spec, done, hardware, show_plan, max_cost, confirm)
+    write_config(path, spec)
+    runs.update_record(path, steps=spec.train.steps)
+    return backend.start(path)
+
+
+def replan(path: Path, record, spec: RunSpec, done: int, hardware, show_plan, max_cost, confirm) -> RunSpec:
+    """A cloud run resumed: the plan for its steps left, shown and held to max_cost and confirm() as at
+    launch. On other `hardware` the run is re-rendered for it (the plan starts from the micro-batch and
+    checkpointing first asked for, so `auto` chooses afresh and a move back to bigger GPUs regains them);
+    the global batch, and so the data order, stay. Returns the spec to write."""
     hw = hardware or _hardware_of(record)
-    if moved:  # the plan starts from what was first asked for: auto chooses afresh for the new GPUs
+    if hardware:
         if record.micro_batch_size:
             spec = spec.with_train(micro_batch_size=record.micro_batch_size)
         if record.activation_checkpointing:
@@ -420,12 +354,16 @@ def resume(
     if show_plan:
         show_plan(cloud_plan.plan)
     check_spending(cloud_plan.plan, max_cost, confirm)
-    if moved:
-        _move(path, record, hw, cloud_plan)
-    else:
-        _write_config(path, spec)
-    runs.update_record(path, steps=spec.train.steps)
-    return start_cloud(path)
+    if not hardware:
+        return spec
+    _set_hardware(record, hw, cloud_plan)
+    write_atomically(
+        path / runs.TASK,
+        render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes),
+    )
+    fields = ("gpu", "nodes", "cloud", "spot", "managed", "disk_size", "image", "workers", "price_per_hour")
+    runs.update_record(path, **{k: getattr(record, k) for k in fields})
+    return cloud_plan.spec
 
 
 def _trained_steps(record: runs.RunRecord) -> int:
@@ -499,21 +437,6 @@ def _hardware_of(record: runs.RunRecord) -> Hardware:
     )
 
 
-def _write_config(path: Path, spec: RunSpec) -> None:
-    write_atomically(path / runs.CONFIG, render_config(spec))
-
-
-def _move(path: Path, record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPlan) -> None:
-    """Re-render a cloud run for other hardware as `cloud_plan` (from the micro-batch and checkpointing
-    first asked for, so a move back to bigger GPUs regains them); the config keeps its global batch."""
-    _set_hardware(record, hw, cloud_plan)
-    task = render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes)
-    _write_config(path, cloud_plan.spec)
-    write_atomically(path / runs.TASK, task)
-    fields = ("gpu", "nodes", "cloud", "spot", "managed", "disk_size", "image", "workers", "price_per_hour")
-    runs.update_record(path, **{k: getattr(record, k) for k in fields})
-
-
 STOP_MARGIN_S = 60.0  # processes exiting, Ray shutting down, a slow first step
 STOP_MIN_WAIT_S = 120.0
 ASSUMED_WRITE_BPS = 100e6  # checkpoint writes before one was measured: a slow disk or bucket
@@ -528,7 +451,6 @@ def stop_wait_s(path: Path, record: runs.RunRecord) -> float:
     """
     from model.config import param_count
     from model.metrics import read_metrics
-    from orchestrator.worker import STOP_POLL_S as POD_POLL_S
 
     recs = read_metrics(path / runs.METRICS) if (path / runs.METRICS).exists() else []
     rates = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
@@ -540,7 +462,7 @@ def stop_wait_s(path: Path, record: runs.RunRecord) -> float:
             ckpt_s = 12 * param_count(load_spec(path / runs.CONFIG).model) / ASSUMED_WRITE_BPS
         except ConfigError:
             ckpt_s = 0.0
-    poll = POD_POLL_S if record.mode == "cloud" else 0.0
+    poll = 0.0 if record.store.startswith("file://") else runs.STOP_POLL_S  # as runs.StopRequest polls
     return max(STOP_MIN_WAIT_S, poll + 2 * step_s + 2 * ckpt_s + STOP_MARGIN_S)
 
 
@@ -555,61 +477,42 @@ def _checkpointing(path: Path) -> bool:
     return bool(asked) and not any(r.get("checkpoint") == asked[-1] for r in recs)
 
 
-def _wait_stopped(path: Path, timeout: float, active, poll_s: float) -> None:
+def _wait_stopped(path: Path, timeout: float, active, poll_s: float) -> bool:
     """Poll active() until it is false or `timeout` has passed; once more as long while the stop's
-    checkpoint is still being written (so a slow upload is not cut short)."""
+    checkpoint is still being written (so a slow upload is not cut short). Whether it is still active."""
     deadline, extended = time.monotonic() + timeout, False
     while active():
         if time.monotonic() >= deadline:
             if extended or not _checkpointing(path):
-                return
+                return True
             deadline, extended = time.monotonic() + timeout, True
         time.sleep(poll_s)
+    return False
 
 
 def stop(name: str, root: Path | None = None, timeout: float | None = None) -> runs.RunRecord:
     """Checkpoint and stop a running run, then make sure none of its processes (or its job) is left.
 
-    timeout: seconds before the run is killed (cloud: cancelled); default stop_wait_s(). Past it, a run that
-    is still writing the checkpoint of its stop is given that long again, so a slow upload is not cut short.
+    The stop request goes to the store first (it needs no SkyPilot): the workers checkpoint and the run
+    ends by itself. timeout: seconds before the run is ended by its backend (killed, cancelled); default
+    stop_wait_s(). Past it, a run that is still writing the checkpoint of its stop is given that long again,
+    so a slow upload is not cut short.
     """
     path = runs.find_run(runs.runs_root(root), name)
     record = runs.read_record(path)
+    backend = backends.of(record)
     timeout = stop_wait_s(path, record) if timeout is None else timeout
-    if record.mode == "cloud":
-        return _stop_cloud(path, timeout)
-    if not runs.driver_alive(record):
-        runs.reap(path, record)  # its driver died: what it left behind, as resume reaps it
+    if runs.effective_state(record) not in runs.ACTIVE:  # from the record: the request needs no SkyPilot
+        backend.reap(path)  # a driver that died: what it left behind, as resume reaps it
         return runs.read_record(path)
-    (path / runs.STOP).touch()
+    runs.StopRequest(record.store, record.name).ask()
     runs.update_record(path, state="stopping")
-    _wait_stopped(path, timeout, lambda: runs.driver_alive(record), poll_s=0.2)
-    if runs.driver_alive(record):  # killed just below, with the rest of its session
-        message = f"not stopped after {timeout:.0f} s, killed; resume continues from its last checkpoint"
+    if _wait_stopped(path, timeout, lambda: backend.active(path), poll_s=backend.poll_s):
+        backend.cancel(path)
+        message = (
+            f"not stopped after {timeout:.0f} s, {backend.ends}; resume continues from its last checkpoint"
+        )
         runs.update_record(path, state="stopped", message=message)
-    # a driver past its timeout, or Ray's agents it could not reap; a driver that died without saying how
-    # it ended leaves the run stopped
-    runs.reap(path, record, state="stopped", message="stopped by lmctl stop")
+    else:  # Ray's agents a local driver could not reap, or a plain cluster's GPUs; a run that ended without
+        backend.reap(path, state="stopped", message="stopped by lmctl stop")  # saying how is stopped
     return runs.read_record(path)
-
-
-def _stop_cloud(path: Path, timeout: float) -> runs.RunRecord:
-    """STOP in the store first (it needs no SkyPilot): rank 0 sees it within LMCTL_STORE_POLL_S, the
-    workers checkpoint and the job ends by itself. Past the timeout the job is cancelled."""
-    from model.store import open_store
-    from orchestrator import cloud
-
-    record = runs.read_record(path)
-    if record.state not in runs.ACTIVE:
-        return record
-    open_store(record.store).put_bytes(runs.store_key(record.name, runs.STOP), b"stop\n")
-    runs.update_record(path, state="stopping")
-    _wait_stopped(path, timeout, lambda: cloud.refresh(path).state in runs.ACTIVE, poll_s=STOP_POLL_S)
-    record = runs.read_record(path)
-    if record.state in runs.ACTIVE:
-        cloud.cancel(record)
-        message = f"not stopped after {timeout:.0f} s, cancelled; resume continues from its last checkpoint"
-        record = runs.update_record(path, state="stopped", message=message)
-    elif not record.managed and record.cluster:
-        cloud.cancel(record)  # the job ended; free the cluster's GPUs now rather than at autodown
-    return record

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from model.errors import ConfigError, make_parent_folder
 from model.metrics import read_metrics
-from orchestrator import runs
+from orchestrator import backends, runs
 from orchestrator.progress import human
 
 STATE_STYLE = {
@@ -150,7 +150,7 @@ def run_summary(path: Path) -> dict[str, Any]:
         "launches": record.launches,
         "dry_run": runs.never_started(record),
         "path": str(path),
-        **_cloud_facts(record),
+        **backends.of(record).facts(record),  # a cloud run: what it rents, what it has cost so far
     }
 
 
@@ -172,28 +172,6 @@ def _gpus_text(s: dict[str, Any]) -> str:
 def _cost_text(s: dict[str, Any]) -> str:
     cost = "-" if s["cost_so_far"] is None else f"${s['cost_so_far']:,.2f}"
     return cost if s["price_per_hour"] is None else f"{cost} at ${s['price_per_hour']:,.2f}/h"
-
-
-def _cloud_facts(record: runs.RunRecord) -> dict[str, Any]:
-    """What a cloud run rents and what it has cost so far (SkyPilot's job time x the plan's price)."""
-    if record.mode != "cloud":
-        return {}
-    cost = None
-    if record.price_per_hour is not None and record.job_seconds is not None:
-        cost = record.price_per_hour * record.job_seconds / 3600
-    return {
-        "gpu": record.gpu,
-        "nodes": record.nodes,
-        "cloud": record.cloud or "any",
-        "spot": record.spot,
-        "managed": record.managed,
-        "job_id": record.job_id,
-        "cluster": record.cluster,
-        "recoveries": record.recoveries,
-        "job_seconds": record.job_seconds,
-        "price_per_hour": record.price_per_hour,
-        "cost_so_far": cost,
-    }
 
 
 # ---------------------------------------------------------------- status
@@ -317,7 +295,7 @@ def status_detail(summary: dict[str, Any]):
         ("data", s["data"] or "-"),
         ("path", s["path"]),
     ]
-    if s["mode"] == "cloud":
+    if "gpu" in s:
         job = f"{s['job_id']} ({'managed' if s['managed'] else 'cluster ' + str(s['cluster'])})"
         rows[3:3] = [
             ("gpus", _gpus_text(s)),
@@ -431,7 +409,7 @@ def dashboard(path: Path):
     )
 
     parts = [head, bar, facts]
-    if s["mode"] == "cloud":
+    if "gpu" in s:
         parts.append(
             Text(
                 f"{_gpus_text(s)}  job {s['job_id']}  recoveries {s['recoveries'] or 0}  "
@@ -440,7 +418,7 @@ def dashboard(path: Path):
         )
     if s["message"]:
         parts.append(Text(s["message"], style=STATE_STYLE.get(s["state"], "")))
-    if s["mode"] != "cloud":  # a cloud run's log is SkyPilot's: lmctl logs <run>
+    if backends.of(runs.read_record(Path(path))).shows_log:
         tail = Text.from_ansi(
             "\n".join(_log_tail(Path(path))) or "(no log yet)", no_wrap=True, overflow="ellipsis"
         )

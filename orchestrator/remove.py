@@ -16,7 +16,7 @@ from typing import Any
 
 from model.errors import ConfigError
 from model.store import FileStore, Store, StoreError, open_store
-from orchestrator import runs
+from orchestrator import backends, runs
 
 
 @dataclass
@@ -65,19 +65,15 @@ def remove(removal: Removal) -> None:
 
 def _removable(path: Path) -> runs.RunRecord:
     """The run's record, if nothing of it runs and its folder holds only what is its own."""
-    record = runs.read_record(path)
-    name = record.name
-    if record.mode == "cloud" and record.state in runs.ACTIVE:
-        from orchestrator import cloud
-
-        try:
-            record = cloud.refresh(path)  # is it still running?
-        except StoreError as e:
-            raise ConfigError(f"cannot tell whether run {name!r} still runs, nothing removed: {e}") from None
-    state = runs.effective_state(record)
+    backend = backends.of(runs.read_record(path))
+    try:
+        record = backend.refresh(path)  # is it still running?
+    except StoreError as e:
+        raise ConfigError(f"cannot tell whether run {path.name!r} still runs, nothing removed: {e}") from None
+    name, state = record.name, runs.effective_state(record)
     if state in runs.ACTIVE:
         raise ConfigError(f"run {name!r} is {state}: stop it first (lmctl stop {name}), then lmctl rm {name}")
-    if record.mode != "cloud" and record.session and runs.session_pids(record.session):
+    if backend.leftovers(record):
         raise ConfigError(
             f"run {name!r} still has processes running (its driver's leftovers): lmctl stop {name} reaps "
             f"them, then lmctl rm {name}"

@@ -61,6 +61,11 @@ def render_config(spec: RunSpec) -> str:
     return "# resolved by lmctl; workers read this file. No secrets.\n" + spec.to_yaml()
 
 
+def write_config(path: Path, spec: RunSpec) -> None:
+    """The one writer of a run's config.yaml (launch, the staged data's path, resume --steps, a move)."""
+    write_atomically(path / "config.yaml", render_config(spec))
+
+
 def write_atomically(file: Path, text: str) -> None:
     """Replace `file` with `text` by a rename: a crash leaves the old file or the new one, never half."""
     tmp = file.with_name(f".{file.name}.tmp")

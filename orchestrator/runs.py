@@ -34,7 +34,8 @@ CONFIG = "config.yaml"
 TASK = "task.yaml"
 LOG = "logs/driver.log"
 METRICS = "metrics.jsonl"
-STOP = "STOP"  # its presence asks the workers to checkpoint and stop at the end of the step they are in
+STOP = "STOP"  # its presence in the store asks the workers to checkpoint and stop (StopRequest)
+STOP_POLL_S = 10.0  # a run on a remote store sees a stop request at most this late, + one step
 
 
 def store_prefix(name: str) -> str:
@@ -281,8 +282,49 @@ def reap(path: Path, record: RunRecord, state: str = "failed", message: str | No
 
 
 def effective_state(record: RunRecord) -> str:
-    """The record's state, corrected by the truth: an active local run whose driver is gone has failed. A
-    cloud run's state is SkyPilot's, as of its last refresh (cloud.refresh)."""
-    if record.mode != "cloud" and record.state in ACTIVE and not driver_alive(record):
+    """The record's state, corrected by the truth: an active run whose driver process (on this machine) is
+    gone has failed. A cloud run names no driver here: its state is SkyPilot's, as of its last refresh."""
+    if record.state in ACTIVE and record.driver and not driver_alive(record):
         return "failed"
     return record.state
+
+
+def say(msg: str) -> None:
+    """One line of a run's own voice in its log (the driver's and the workers')."""
+    print(f"[lmctl {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class StopRequest:
+    """The one stop protocol, local or cloud: the object runs/<name>/STOP in the run's store asks every worker
+    to checkpoint and stop at the end of the step it is in. `lmctl stop` and a signalled driver write it; rank
+    0 polls it (every step on a file:// store, a stat; every STOP_POLL_S on a remote one, a network call);
+    a start clears it."""
+
+    def __init__(self, store: str, name: str):
+        from model.store import open_store
+
+        self.store, self.key = open_store(store), store_key(name, STOP)
+        poll = os.environ.get("LMCTL_STORE_POLL_S")  # tests: faster
+        self.every_s = float(poll or (0.0 if store.startswith("file://") else STOP_POLL_S))
+        self._polled, self._asked = float("-inf"), False
+
+    def ask(self) -> None:
+        self.store.put_bytes(self.key, b"stop\n")
+
+    def clear(self) -> None:
+        if self.store.exists(self.key):
+            self.store.delete(self.key)
+
+    def asked(self) -> bool:
+        if not self._asked and time.monotonic() - self._polled >= self.every_s:
+            self._asked, self._polled = self.store.exists(self.key), time.monotonic()
+        return self._asked
+
+
+def outcome(checkpoints: str, steps: int) -> tuple[str, int]:
+    """How a run that ended cleanly ended: finished when its last step is committed, else stopped; with its
+    newest committed step. One answer for the driver and for a cloud run's refresh."""
+    from model.checkpoint import Checkpointer
+
+    step = Checkpointer(checkpoints).latest() or 0
+    return ("finished" if step >= steps else "stopped"), step

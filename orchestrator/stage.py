@@ -161,6 +161,12 @@ def _format_of(path: Path) -> str | None:
     return LOCAL_FORMATS.get(suffixes[-1]) if suffixes else None
 
 
+def looks_local(dataset: str) -> bool:
+    """Whether `dataset` names a local file or folder (existing or not) rather than a hub id: the one answer
+    for staging and launch."""
+    return dataset.startswith(("/", ".", "~")) or bool(_format_of(Path(dataset))) or dataset.count("/") > 1
+
+
 def _text_chars(path: Path, text_field: str) -> int | None:
     """Uncompressed size of the text in a file: its size for json/text, parquet's column statistics."""
     if path.suffix.lower() in COMPRESSED:
@@ -285,10 +291,7 @@ def resolve_source(spec: DataConfig) -> Source:
         exists = False
     if exists:
         return _local_source(spec, path.resolve())
-    looks_like_path = (
-        spec.dataset.startswith(("/", ".", "~")) or _format_of(path) or spec.dataset.count("/") > 1
-    )
-    if looks_like_path or not HUB_ID.fullmatch(spec.dataset):
+    if looks_local(spec.dataset) or not HUB_ID.fullmatch(spec.dataset):
         shown = spec.dataset if spec.dataset.isprintable() else repr(spec.dataset)  # one line, always
         raise StageError(
             f"dataset path {shown} does not exist: give a file or folder of "
@@ -721,3 +724,26 @@ def _stored_tokenizer(store: Store, prefix: str, work: Path) -> Tokenizer | None
         return None
     store.get_file(key, work / TOKENIZER)
     return Tokenizer.load(work / TOKENIZER)
+
+
+def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) -> Any:
+    """A run's dataset (spec: RunSpec) staged into its store once; config.yaml then names the staged copy
+    (data.path). Warns when the run will see that data more than once. Called by the driver (local runs)
+    and by the cloud launch, which stages before renting GPUs."""
+    from model.staged import staged_manifest
+    from orchestrator import runs
+    from orchestrator.render import write_config
+    from orchestrator.sanity import warn_epochs
+
+    if spec.data.path:
+        warn_epochs(spec, staged_manifest(spec.data.path))  # and still there?
+        return spec
+    runs.say(f"staging {spec.data.dataset} to {record.store}")
+    result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=progress)
+    done = "reused" if result.reused else "staged"
+    runs.say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
+    warn_epochs(spec, result.manifest)
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
+    write_config(path, spec)
+    runs.update_record(path, data=result.dataset_uri)
+    return spec

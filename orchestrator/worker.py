@@ -14,14 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runs import LOG, METRICS, STOP, store_key
+from orchestrator.runs import LOG, METRICS, StopRequest, say, store_key
 
 METRICS_PUSH_S = 30.0  # a cloud run's metrics.jsonl reaches the store at most this stale (and at each eval)
-STOP_POLL_S = 10.0  # a cloud run sees `lmctl stop` (the store's STOP object) at most this late, + one step
-
-
-def say(msg: str) -> None:
-    print(f"[lmctl {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
@@ -29,7 +24,6 @@ def train_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from model.config import RunSpec
     from model.train import train
 
     os.umask(0o077)  # on a pod, Ray (started by the task's script) did not get it from our driver
@@ -38,18 +32,17 @@ def train_worker(cfg: dict[str, Any]) -> None:
     path = Path(cfg["run_dir"])
     (path / "logs").mkdir(parents=True, exist_ok=True)  # on a pod, rank 0 may be on another node
     rank = ray.train.get_context().get_world_rank()
-    on_pod = cfg.get("store") is not None
+    on_pod = cfg["pod"]
     if not on_pod:  # locally the workers write the run's log; on a pod Ray forwards it to SkyPilot's log
         _log_to(path / (LOG if rank == 0 else f"logs/worker-{rank}.log"))
     (path / "logs" / f"worker-{rank}.pid").write_text(str(os.getpid()))
     if rank == 0:
         say(f"{ray.train.get_context().get_world_size()} workers started")
-    spec = RunSpec.model_validate(cfg["spec"])
     mirror = StoreMirror(cfg["store"], path.name, path / METRICS) if on_pod and rank == 0 else None
-    stop_file = path / STOP
+    stop = StopRequest(cfg["store"], path.name) if rank == 0 else None  # train() tells the other ranks
 
     def should_stop() -> bool:
-        return stop_file.exists() or (mirror is not None and mirror.stop_asked())
+        return stop is not None and stop.asked()
 
     def on_log(rec: dict) -> None:
         if mirror:  # an evaluation or a stop request reaches `lmctl status` and `lmctl stop` at once
@@ -61,7 +54,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     device = str(ray.train.torch.get_device()) if cfg["device"] == "cuda" else cfg["device"]
     try:
         train(
-            spec,
+            cfg["spec"],
             path,
             device=device,
             should_stop=should_stop,
@@ -87,8 +80,8 @@ def quiet_report_lines() -> None:
 
 
 class StoreMirror:
-    """Rank 0 of a cloud run: metrics.jsonl copied to the store (where `lmctl status` reads it), and the
-    store's STOP object polled (where `lmctl stop` writes it). Both throttled: they are network calls.
+    """Rank 0 of a cloud run: metrics.jsonl copied to the store (where `lmctl status` reads it), throttled:
+    it is a network call.
 
     Transient faults (503s, resets, slow or cut replies, a torn upload) are retried by the store
     (model/store.py: botocore's retries, then put_file's verification and re-send). A push or poll that
@@ -103,22 +96,13 @@ class StoreMirror:
         from model.store import open_store
 
         self.store, self.name, self.metrics = open_store(store), name, metrics
-        poll = os.environ.get("LMCTL_STORE_POLL_S")  # tests: both faster
-        self.every_s = float(poll or METRICS_PUSH_S)
-        self.stop_every_s = float(poll or STOP_POLL_S)
-        self._pushed = self._polled = float("-inf")
-        self._stop = False
+        self.every_s = float(os.environ.get("LMCTL_STORE_POLL_S") or METRICS_PUSH_S)  # tests: faster
+        self._pushed = float("-inf")
 
     def push_metrics(self, now: bool = False) -> None:
         if (now or time.monotonic() - self._pushed >= self.every_s) and self.metrics.exists():
             self.store.put_file(self.metrics, store_key(self.name, METRICS))
             self._pushed = time.monotonic()
-
-    def stop_asked(self) -> bool:
-        if not self._stop and time.monotonic() - self._polled >= self.stop_every_s:
-            self._stop = self.store.exists(store_key(self.name, STOP))
-            self._polled = time.monotonic()
-        return self._stop
 
 
 def _log_to(path: Path) -> None:

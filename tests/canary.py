@@ -438,7 +438,7 @@ def _verbs(ex: Exercise, umask: int, timeout: float) -> None:
     cli("help", "--help")
     cli("presets", "presets", "--json")
     plain = ["train.steps=2", "train.checkpoint_every=2", "train.eval_every=2"]
-    cli("train", "train", "--preset", "tiny", "--run-dir", str(ex.base / "plain"),
+    cli("train", "train", "--config", "tiny", "--run-dir", str(ex.base / "plain"),
         *[a for o in plain for a in ("--override", o)])  # fmt: skip
     staged = cli("stage", "stage", "--dataset", "configs/data/shakespeare.jsonl", "--vocab-size", "2048",
                  "--store", ex.bucket, "--json")  # fmt: skip

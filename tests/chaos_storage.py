@@ -402,13 +402,13 @@ def metric_writes(
     endpoint: str, tmp: Path, seed: int = 0, trials: int = 8, *, rate: float = 0.04
 ) -> dict[str, Any]:
     """StoreMirror (rank 0 of a cloud run) pushes a growing metrics.jsonl through every upload fault, and
-    polls STOP; then a push during a 503 outage, and one after it.
+    StopRequest polls STOP; then a push during a 503 outage, and one after it.
 
     A push succeeds and the store's metrics.jsonl equals the local file, or raises StoreError naming
     the object (worker.py: the step fails, the run stops); the store then holds a prefix of the local
     file (metrics are append-only), never something else."""
     from model.store import StoreError, open_store
-    from orchestrator.runs import METRICS, STOP, store_key
+    from orchestrator.runs import METRICS, STOP, StopRequest, store_key
     from orchestrator.worker import StoreMirror
 
     t = Tally("metric_writes")
@@ -450,12 +450,12 @@ def metric_writes(
     rates = fault_rates(rate, "error", "reset", "cut", "slow", "abort", "torn")
     with FaultProxy(endpoint, seed=seed, slow_s=(0.05, 0.5), **rates) as proxy:  # noqa: SIM117
         with aws_env(proxy.endpoint), _environ({"LMCTL_STORE_POLL_S": "0"}):
-            mirror = StoreMirror(bucket.uri, name, local)
+            mirror, stop = StoreMirror(bucket.uri, name, local), StopRequest(bucket.uri, name)
             for _ in range(trials):
                 grow(rng.randint(1, 200))
                 push(mirror)
                 try:
-                    t.check(not mirror.stop_asked(), "stop_asked() is True with no STOP in the store")
+                    t.check(not stop.asked(), "asked() is True with no STOP in the store")
                 except StoreError as e:
                     t.loud(e, clean.url(store_key(name, STOP)))
                 else:
@@ -474,7 +474,7 @@ def metric_writes(
             seen = False
             for _ in range(5):  # a poll may fail loudly under faults; one of a few must see STOP
                 try:
-                    seen = mirror.stop_asked()
+                    seen = stop.asked()
                 except StoreError as e:
                     t.loud(e, clean.url(store_key(name, STOP)))
                 else:

@@ -31,14 +31,14 @@ def test_presets_do_not_import_torch():
 )
 def test_train_rejects_bad_input_and_writes_nothing(tmp_path, capsys, override, fragment):
     run_dir = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--run-dir", str(run_dir), "--override", override]) == 2
+    assert main(["train", "--config", "tiny", "--run-dir", str(run_dir), "--override", override]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and "\n" not in err and "Traceback" not in err
     assert not run_dir.exists()
 
 
 def test_unknown_preset_is_one_line(tmp_path, capsys):
-    assert main(["train", "--preset", "7b", "--run-dir", str(tmp_path / "r")]) == 2
+    assert main(["train", "--config", "7b", "--run-dir", str(tmp_path / "r")]) == 2
     assert "unknown preset '7b'" in capsys.readouterr().err
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from model.config import ConfigError
-from orchestrator import cloud, launch, runs
+from orchestrator import backends, cloud, launch, runs
 from orchestrator.cli import main
 
 # SkyPilot is a dependency everywhere but on the GPU check's machine, which runs `pytest -m gpu` without it
@@ -60,7 +60,7 @@ def bucket(s3_server, tmp_path_factory):
 @pytest.fixture
 def fake(monkeypatch, bucket) -> skyfake.FakeSky:
     """A fresh fake SDK; `lmctl stop` polls it without pausing (the scripted states decide, not time)."""
-    monkeypatch.setattr(launch, "STOP_POLL_S", 0.0)
+    monkeypatch.setattr(backends.SkyPilotBackend, "poll_s", 0.0)
     fake = skyfake.install(monkeypatch)
     yield fake
     assert not fake.pending, f"requests never waited for: {sorted(fake.pending)}"
@@ -421,7 +421,7 @@ def test_stop_asks_the_workers_through_the_store_and_the_job_ends_by_itself(
 
 
 def test_stop_cancels_a_job_that_does_not_end_in_time(capsys, bucket, root, fake, store, monkeypatch):
-    monkeypatch.setattr(launch, "STOP_POLL_S", 0.01)  # polls until the 0.05 s timeout, then cancels
+    monkeypatch.setattr(backends.SkyPilotBackend, "poll_s", 0.01)  # polls until the 0.05 s timeout, then cancels
     start(capsys, bucket, root, "stubborn")
     fake.script(ManagedJobStatus.RUNNING)
     record = launch.stop("stubborn", root=root, timeout=0.05)
@@ -453,7 +453,7 @@ def test_stop_of_a_cluster_run_takes_the_cluster_down(capsys, bucket, root, fake
 
 
 def test_stop_of_a_stuck_cluster_run_takes_it_down_once(capsys, bucket, root, fake, monkeypatch):
-    monkeypatch.setattr(launch, "STOP_POLL_S", 0.01)
+    monkeypatch.setattr(backends.SkyPilotBackend, "poll_s", 0.01)
     start(capsys, bucket, root, "plain-stuck", "--no-managed")
     fake.script(JobStatus.RUNNING)
     record = launch.stop("plain-stuck", root=root, timeout=0.05)

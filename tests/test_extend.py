@@ -17,6 +17,7 @@ from model.metrics import read_metrics
 from model.optim import lr_at
 from model.train import train
 from orchestrator import launch as launching
+from orchestrator.backends import LocalBackend
 from orchestrator.cli import main
 from orchestrator.render import render_config
 
@@ -94,7 +95,7 @@ def _dry_run(runs_dir: Path, name: str, *overrides: str) -> Path:
 
 
 def test_resume_steps_refusals_are_one_line_and_change_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(launching, "start_driver", lambda path: pytest.fail("nothing may start"))
+    monkeypatch.setattr(LocalBackend, "start", lambda self, path: pytest.fail("nothing may start"))
     path = _dry_run(tmp_path, "cos", "train.schedule=cosine")  # tiny: 200 steps
     config, record = (path / "config.yaml").read_text(), (path / "run.json").read_text()
     for steps, expected in (("400", "cosine schedule"), ("100", "give more than 200")):
@@ -111,7 +112,7 @@ def test_resume_steps_rewrites_the_plan_of_a_local_run(tmp_path, capsys, monkeyp
     path = _dry_run(tmp_path, "w", "train.schedule=wsd")
     started = []
     monkeypatch.setattr(
-        launching, "start_driver", lambda p: started.append(p) or launching.runs.read_record(p)
+        LocalBackend, "start", lambda self, p: started.append(p) or launching.runs.read_record(p)
     )
     record = launching.resume("w", root=tmp_path, steps=300, notify=print)
     assert started == [path] and record.steps == 300

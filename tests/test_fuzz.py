@@ -130,7 +130,7 @@ def test_accepted_inputs_pass_too(sb):
 
 
 def test_config_yaml_that_is_not_yaml(tmp_path):
-    """`lmctl train --config` reads a run's config.yaml with load_spec (not fuzzed: a good input would
+    """`lmctl train --run-config` reads a run's config.yaml with load_spec (not fuzzed: a good input would
     train): bytes that are not text, tabs, a tag PyYAML cannot build are one-line ConfigErrors."""
     bad = {"bytes.yaml": b"\xff\xfe", "tabs.yaml": b"model:\n\t- x", "tag.yaml": b"!!int x"}
     for name, data in bad.items():

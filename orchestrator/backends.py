@@ -1,0 +1,206 @@
+"""Where a run's processes live, behind one interface: this machine (LocalBackend: a detached driver in its
+own session) or SkyPilot (SkyPilotBackend: a managed job, or a cluster that downs itself). `of(record)`
+chooses once, from the run record; the verbs (launch, resume, stop, status, logs, attach, rm) ask the
+backend and never which one it is.
+
+What is not here is the same for both: config, checkpoints, metrics and the stop request live in the run's
+store (runs.StopRequest), and the driver runs the same code on this machine and on a pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.errors import ConfigError
+from orchestrator import runs
+
+MODES = ("local", "cloud")
+
+
+class LocalBackend:
+    """`python -m orchestrator.driver` detached on this machine; its log is logs/driver.log."""
+
+    mode = "local"
+    rents = False  # --gpu and friends do not apply
+    ctrl_c_stops = True  # `--foreground`: Ctrl-C stops the run (a checkpoint first)
+    shows_log = True  # `attach` shows the log's tail
+    poll_s = 0.2  # how often `stop` looks whether it has ended (a /proc read)
+    ends = "killed"  # what cancel() does to it
+
+    def start(self, path: Path) -> runs.RunRecord:
+        """Start the driver detached: its own session, so it outlives this command and every process of the
+        run can be found (and reaped) by session id. Leftovers of a crashed driver are reaped first."""
+        record = runs.read_record(path)
+        runs.reap(path, record)
+        runs.StopRequest(record.store, record.name).clear()  # an earlier stop is answered
+        runs.update_record(path, launches=record.launches + 1, exit_code=None, message=None)
+        with open(path / runs.LOG, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.driver", str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
+        # One write, so the record never claims an active state without naming a live driver. The driver's
+        # own first write (pid, session) says the same; it reaches "running" only seconds later.
+        driver = runs.Process.of(proc.pid).__dict__
+        return runs.update_record(path, state="staging", driver=driver, session=proc.pid)
+
+    def refresh(self, path: Path) -> runs.RunRecord:
+        return runs.read_record(path)  # the driver writes the record itself
+
+    def active(self, path: Path) -> bool:
+        return runs.driver_alive(runs.read_record(path))
+
+    def tail_logs(self, path: Path, follow: bool) -> int:
+        from orchestrator.observe import print_log
+
+        print_log(path, follow=follow)
+        return 0
+
+    def cancel(self, path: Path) -> None:
+        record = runs.read_record(path)
+        if record.session:
+            runs.kill_session(record.session)
+
+    def reap(self, path: Path, state: str = "failed", message: str | None = None) -> list[int]:
+        """After the driver is gone (or given up on): what it left in its session is killed, and a record
+        still claiming an active state takes `state`. Returns the pids killed."""
+        return runs.reap(path, runs.read_record(path), state, message)
+
+    def leftovers(self, record: runs.RunRecord) -> list[int]:
+        return runs.session_pids(record.session) if record.session else []
+
+    def facts(self, record: runs.RunRecord) -> dict[str, Any]:
+        return {}
+
+    def where(self, record: runs.RunRecord) -> str:
+        return f"{record.workers} workers"
+
+    def plan_resume(self, path, record, spec, done, hardware, show_plan, max_cost, confirm):
+        if hardware:
+            raise ConfigError(f"run {record.name!r} is a local run: --gpu and friends apply to cloud runs")
+        return spec
+
+
+class SkyPilotBackend:
+    """A SkyPilot job (orchestrator/cloud.py makes the SDK calls); the pods reach the store, so metrics and
+    the stop request travel through it."""
+
+    mode = "cloud"
+    rents = True
+    ctrl_c_stops = False  # `--foreground` follows SkyPilot's log; Ctrl-C leaves it, the job goes on
+    shows_log = False  # a cloud run's log is SkyPilot's: lmctl logs <run>
+    poll_s = 5.0  # a SkyPilot call
+    ends = "cancelled"
+
+    def start(self, path: Path) -> runs.RunRecord:
+        """Stage the data here (once; GPUs never wait for it), put config.yaml in the store where the pods
+        read it, and submit the task to SkyPilot with the credentials attached as secrets."""
+        from model.config import load_spec
+        from model.store import StoreError, open_store
+        from orchestrator import cloud
+        from orchestrator.stage import StageError, stage_for_run
+
+        record = runs.read_record(path)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is for results (--json)
+                spec = stage_for_run(load_spec(path / runs.CONFIG), record, path, progress=True)
+            open_store(record.store).put_file(path / runs.CONFIG, runs.store_key(record.name, runs.CONFIG))
+            runs.StopRequest(record.store, record.name).clear()  # an earlier `lmctl stop` is answered
+        except (StoreError, StageError) as e:
+            message = f"could not stage {record.name}'s data into {record.store}: {e}"
+            runs.update_record(path, state="failed", message=message)
+            raise ConfigError(f"{message}; `lmctl resume {record.name}` retries") from None
+        record = runs.update_record(
+            path,
+            state="starting",
+            launches=record.launches + 1,
+            exit_code=None,
+            message=None,
+            data=spec.data.path,
+        )
+        try:
+            submitted = cloud.submit(record, path / runs.TASK, cloud.secrets_from_env(record.store))
+        except cloud.CloudError as e:
+            runs.update_record(path, state="failed", message=str(e))
+            raise
+        return runs.update_record(path, job_id=submitted.job_id, cluster=submitted.cluster)
+
+    def refresh(self, path: Path) -> runs.RunRecord:
+        from orchestrator import cloud
+
+        record = runs.read_record(path)
+        return cloud.refresh(path) if record.state in runs.ACTIVE else record
+
+    def active(self, path: Path) -> bool:
+        return self.refresh(path).state in runs.ACTIVE
+
+    def tail_logs(self, path: Path, follow: bool) -> int:
+        from orchestrator import cloud
+
+        record = runs.read_record(path)
+        if record.job_id is None:  # never submitted: what launch printed is all there is
+            return LocalBackend().tail_logs(path, follow=False)
+        return cloud.tail_logs(record, follow=follow)
+
+    def cancel(self, path: Path) -> None:
+        from orchestrator import cloud
+
+        cloud.cancel(runs.read_record(path))
+
+    def reap(self, path: Path, state: str = "failed", message: str | None = None) -> list[int]:
+        """After the job ended: a plain cluster's GPUs are freed now rather than at autodown."""
+        record = runs.read_record(path)
+        if not record.managed and record.cluster and record.state not in runs.ACTIVE:
+            self.cancel(path)
+        return []
+
+    def leftovers(self, record: runs.RunRecord) -> list[int]:
+        return []  # nothing of a cloud run runs on this machine
+
+    def facts(self, record: runs.RunRecord) -> dict[str, Any]:
+        """What the run rents and what it has cost so far (SkyPilot's job time x the plan's price)."""
+        cost = None
+        if record.price_per_hour is not None and record.job_seconds is not None:
+            cost = record.price_per_hour * record.job_seconds / 3600
+        return {
+            "gpu": record.gpu,
+            "nodes": record.nodes,
+            "cloud": record.cloud or "any",
+            "spot": record.spot,
+            "managed": record.managed,
+            "job_id": record.job_id,
+            "cluster": record.cluster,
+            "recoveries": record.recoveries,
+            "job_seconds": record.job_seconds,
+            "price_per_hour": record.price_per_hour,
+            "cost_so_far": cost,
+        }
+
+    def where(self, record: runs.RunRecord) -> str:
+        return f"{record.gpu} x {record.nodes} node(s), SkyPilot job {record.job_id}"
+
+    def plan_resume(self, path, record, spec, done, hardware, show_plan, max_cost, confirm):
+        """The plan for the steps left, shown and held to max_cost and confirm() as at launch; on other
+        `hardware` the run is re-rendered for it. Returns the spec to write."""
+        from orchestrator import launch
+
+        return launch.replan(path, record, spec, done, hardware, show_plan, max_cost, confirm)
+
+
+def of(record: runs.RunRecord) -> LocalBackend | SkyPilotBackend:
+    """The backend a run was launched on, as its record says."""
+    return SkyPilotBackend() if record.mode == "cloud" else LocalBackend()
+
+
+def for_mode(mode: str) -> LocalBackend | SkyPilotBackend:
+    if mode not in MODES:
+        raise ConfigError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
+    return SkyPilotBackend() if mode == "cloud" else LocalBackend()
