@@ -1,6 +1,6 @@
 """Profile N training steps: a torch profiler trace, a CUDA memory snapshot, NVTX ranges, a summary table.
 
-    lmctl train --preset 1b --run-dir runs/prof --profile 5     # or python -m model.train, the same flags
+    lmctl train --config 1b --run-dir runs/prof --profile 5     # or python -m model.train, the same flags
 
 Files under <run-dir>/profile/:
   trace.json              the profiled steps, kernels included on a GPU: open in https://ui.perfetto.dev

@@ -18,8 +18,6 @@ from typing import Any
 from model.errors import ConfigError
 from orchestrator import runs
 
-MODES = ("local", "cloud")
-
 
 class LocalBackend:
     """`python -m orchestrator.driver` detached on this machine; its log is logs/driver.log."""
@@ -167,21 +165,13 @@ class SkyPilotBackend:
 
     def facts(self, record: runs.RunRecord) -> dict[str, Any]:
         """What the run rents and what it has cost so far (SkyPilot's job time x the plan's price)."""
-        cost = None
-        if record.price_per_hour is not None and record.job_seconds is not None:
-            cost = record.price_per_hour * record.job_seconds / 3600
+        price, seconds = record.price_per_hour, record.job_seconds
+        fields = ("gpu", "nodes", "spot", "managed", "job_id", "cluster", "recoveries", "job_seconds")
         return {
-            "gpu": record.gpu,
-            "nodes": record.nodes,
+            **{k: getattr(record, k) for k in fields},
             "cloud": record.cloud or "any",
-            "spot": record.spot,
-            "managed": record.managed,
-            "job_id": record.job_id,
-            "cluster": record.cluster,
-            "recoveries": record.recoveries,
-            "job_seconds": record.job_seconds,
-            "price_per_hour": record.price_per_hour,
-            "cost_so_far": cost,
+            "price_per_hour": price,
+            "cost_so_far": None if price is None or seconds is None else price * seconds / 3600,
         }
 
     def where(self, record: runs.RunRecord) -> str:
@@ -197,10 +187,11 @@ class SkyPilotBackend:
 
 def of(record: runs.RunRecord) -> LocalBackend | SkyPilotBackend:
     """The backend a run was launched on, as its record says."""
-    return SkyPilotBackend() if record.mode == "cloud" else LocalBackend()
+    return for_mode(record.mode)
 
 
 def for_mode(mode: str) -> LocalBackend | SkyPilotBackend:
-    if mode not in MODES:
-        raise ConfigError(f"--mode {mode!r}: use one of {', '.join(MODES)}")
-    return SkyPilotBackend() if mode == "cloud" else LocalBackend()
+    backend = {"local": LocalBackend, "cloud": SkyPilotBackend}.get(mode)
+    if backend is None:
+        raise ConfigError(f"--mode {mode!r}: use one of local, cloud")
+    return backend()

@@ -40,9 +40,9 @@ EPILOG = """examples:
   lmctl export dev --hf runs/exports/dev          Hugging Face Llama folder (transformers can load it)
   lmctl plot dev                                  loss against tokens, as runs/dev/loss.png
   lmctl presets                                   list model presets and their sizes
-  lmctl train --preset tiny --run-dir runs/dev    train in this process (no Ray), resuming if the run exists
-  lmctl train --preset tiny --run-dir runs/dev --override train.steps=50 --override train.lr=1e-3
-  lmctl train --preset 1b --run-dir runs/prof --profile 5     trace, memory snapshot and top ops of 5 steps
+  lmctl train --config tiny --run-dir runs/dev    train in this process (no Ray), resuming if the run exists
+  lmctl train --config tiny --run-dir runs/dev --override train.steps=50 --override train.lr=1e-3
+  lmctl train --config 1b --run-dir runs/prof --profile 5     trace, memory snapshot and top ops of 5 steps
   lmctl stage --dataset configs/data/shakespeare.jsonl --vocab-size 2048      tokenize once into runs/store
   lmctl stage --dataset HuggingFaceFW/fineweb-edu --subset sample-10BT --max-tokens 1e9 --store s3://bucket/lmctl
 """
