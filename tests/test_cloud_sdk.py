@@ -421,7 +421,7 @@ def test_stop_asks_the_workers_through_the_store_and_the_job_ends_by_itself(
 
 
 def test_stop_cancels_a_job_that_does_not_end_in_time(capsys, bucket, root, fake, store, monkeypatch):
-    monkeypatch.setattr(backends.SkyPilotBackend, "poll_s", 0.01)  # polls until the 0.05 s timeout, then cancels
+    monkeypatch.setattr(backends.SkyPilotBackend, "poll_s", 0.01)  # until the 0.05 s timeout
     start(capsys, bucket, root, "stubborn")
     fake.script(ManagedJobStatus.RUNNING)
     record = launch.stop("stubborn", root=root, timeout=0.05)
