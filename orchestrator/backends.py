@@ -132,10 +132,30 @@ class SkyPilotBackend:
         return runs.update_record(path, job_id=submitted.job_id, cluster=submitted.cluster)
 
     def refresh(self, path: Path) -> runs.RunRecord:
+        """An active run's record and metrics brought up to date: metrics.jsonl from the store (the pods write
+        it there), the state from SkyPilot. A job that ended cleanly finished only if its last step is
+        committed (runs.outcome); otherwise it was stopped."""
+        from model.store import open_store
         from orchestrator import cloud
 
         record = runs.read_record(path)
-        return cloud.refresh(path) if record.state in runs.ACTIVE else record
+        if record.state not in runs.ACTIVE or record.job_id is None:
+            return record
+        bucket, key = open_store(record.store), runs.store_key(record.name, runs.METRICS)
+        if bucket.exists(key):
+            bucket.get_file(key, path / runs.METRICS)
+        info = cloud.job_info(record)
+        if info is None:
+            return runs.update_record(path, state="failed", message=f"SkyPilot has no job {record.job_id}")
+        state = info.state
+        if state == "running" and record.state == "stopping":
+            state = "stopping"  # asked to stop; the workers have not seen it yet
+        elif state == "finished":
+            state, _ = runs.outcome(record.checkpoints, record.steps)
+        message = info.message if state == "failed" else record.message
+        return runs.update_record(
+            path, state=state, job_seconds=info.seconds, recoveries=info.recoveries, message=message
+        )
 
     def active(self, path: Path) -> bool:
         return self.refresh(path).state in runs.ACTIVE

@@ -415,8 +415,7 @@ def _follow(args: argparse.Namespace, path: Path) -> int:
         try:
             record = launch.stop(path.name, root=path.parent)
         except KeyboardInterrupt:
-            backend.cancel(path)
-            runs.update_record(path, state="stopped", message="killed by a second Ctrl-C")
+            launch.end_now(path, "killed by a second Ctrl-C")
             return 130
         print(f"run {path.name} {record.state}: lmctl resume {path.name} continues it", file=sys.stderr)
         return 130

@@ -1,6 +1,7 @@
 """The one place lmctl calls SkyPilot's Python SDK: submit a run's task (managed job or plain cluster),
 read its state, follow its logs, cancel it. Everything else about a cloud run (metrics, checkpoints, the
-stop request) goes through the store, which both this machine and the pods reach.
+stop request) goes through the store, which both this machine and the pods reach; what a run's record
+makes of it is backends.SkyPilotBackend's business.
 
 Secrets never touch a file: they are read from this process's environment (and boto3's credential chain
 for an s3:// store) and attached to the in-memory sky.Task just before submission, as SkyPilot secrets.
@@ -187,30 +188,3 @@ def _name(status: Any) -> str:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def refresh(path: Path) -> runs.RunRecord:
-    """Bring a cloud run's record and metrics up to date: metrics.jsonl from the store (the pods write it
-    there), the state from SkyPilot. A job that ended cleanly finished only if its last step is committed;
-    otherwise it was stopped."""
-    from model.store import open_store
-
-    record = runs.read_record(path)
-    if record.mode != "cloud" or record.job_id is None:
-        return record
-    bucket = open_store(record.store)
-    key = runs.store_key(record.name, runs.METRICS)
-    if bucket.exists(key):
-        bucket.get_file(key, path / runs.METRICS)
-    info = job_info(record)
-    if info is None:
-        return runs.update_record(path, state="failed", message=f"SkyPilot has no job {record.job_id}")
-    state = info.state
-    if state == "running" and record.state == "stopping":
-        state = "stopping"  # asked to stop; the workers have not seen it yet
-    elif state == "finished":
-        state, _ = runs.outcome(record.checkpoints, record.steps)
-    message = info.message if state == "failed" else record.message
-    return runs.update_record(
-        path, state=state, job_seconds=info.seconds, recoveries=info.recoveries, message=message
-    )

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             say(f"Ray up in {time.perf_counter() - t0:.1f} s")
             spec = staged.result()
+            record = runs.update_record(path, data=spec.data.path)
         say(f"starting {record.workers} {'GPU' if use_gpu else 'CPU'} workers")
         if not stop.asked():
             runs.update_record(path, state="running")

@@ -508,11 +508,17 @@ def stop(name: str, root: Path | None = None, timeout: float | None = None) -> r
     runs.StopRequest(record.store, record.name).ask()
     runs.update_record(path, state="stopping")
     if _wait_stopped(path, timeout, lambda: backend.active(path), poll_s=backend.poll_s):
-        backend.cancel(path)
-        message = (
-            f"not stopped after {timeout:.0f} s, {backend.ends}; resume continues from its last checkpoint"
+        end_now(
+            path,
+            f"not stopped after {timeout:.0f} s, {backend.ends}; resume continues from its last checkpoint",
         )
-        runs.update_record(path, state="stopped", message=message)
     else:  # Ray's agents a local driver could not reap, or a plain cluster's GPUs; a run that ended without
         backend.reap(path, state="stopped", message="stopped by lmctl stop")  # saying how is stopped
     return runs.read_record(path)
+
+
+def end_now(path: Path, why: str) -> runs.RunRecord:
+    """End a run at once, without a checkpoint (its backend kills or cancels it); it is recorded as stopped,
+    and `why`."""
+    backends.of(runs.read_record(path)).cancel(path)
+    return runs.update_record(path, state="stopped", message=why)

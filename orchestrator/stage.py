@@ -729,7 +729,7 @@ def _stored_tokenizer(store: Store, prefix: str, work: Path) -> Tokenizer | None
 def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) -> Any:
     """A run's dataset (spec: RunSpec) staged into its store once; config.yaml then names the staged copy
     (data.path). Warns when the run will see that data more than once. Called by the driver (local runs)
-    and by the cloud launch, which stages before renting GPUs."""
+    and by the cloud launch, which stages before renting GPUs; they record data.path in run.json."""
     from model.staged import staged_manifest
     from orchestrator import runs
     from orchestrator.render import write_config
@@ -745,5 +745,4 @@ def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) ->
     warn_epochs(spec, result.manifest)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
     write_config(path, spec)
-    runs.update_record(path, data=result.dataset_uri)
     return spec

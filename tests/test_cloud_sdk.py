@@ -387,7 +387,7 @@ def test_attach_shows_the_gpu_the_job_and_the_cost(capsys, bucket, root, fake, s
         path,
         refresh_s=0,
         refresh_every_s=0,
-        refresh=lambda: cloud.refresh(path),
+        refresh=lambda: backends.SkyPilotBackend().refresh(path),
         console=Console(file=buf, width=120),
     )
     assert ended == "ended" and fake.count("jobs.queue_v2") == 3
