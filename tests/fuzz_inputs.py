@@ -14,6 +14,13 @@ The property (`check_case`): every input is either accepted (an allowed exit cod
   - nothing left behind: no new, changed or removed path anywhere in the sandbox (runs folder, store, cache,
     working directory), and the bucket holds the same objects as before.
 
+An accepted input must also take effect (`_not_landed`): each `--override key=value` is in the config the
+case wrote or printed, with the value the preset takes when that key is set to it; `--name`, `--store`,
+`--workers`, `--gpu`, `--nodes`, `--spot`, `--disk-size` and `--dataset` are in the dry run's run.json or
+config.yaml; `stage` puts a manifest under the store asked for, with the shard size and validation share
+asked for; `plan` names `--price` as its price and quotes spot prices for `--spot`. Exit 0 alone would pass
+an input that was silently dropped.
+
 Some inputs must be rejected (`Case.must_reject`: path traversal in run names and store prefixes, zero,
 negative and non-finite counts...): accepting one is a bug as well.
 
@@ -48,7 +55,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from model.config import DEFAULT_CORPUS, all_keys, load_preset
+from model.config import DEFAULT_CORPUS, all_keys, load_preset, parse_override, validate
 from model.shards import read_jsonl_texts
 
 ROOT = "@ROOT@"  # the sandbox folder, substituted when a case runs
@@ -353,7 +360,11 @@ def check_case(sb: Sandbox, case: Case) -> Verdict:
         sb.write_files(case.files)
         before = sb.state()
         ran = run_cli(argv)
-        left = _diff(before, sb.state())
+        after = sb.state()
+        left = _diff(before, after)
+        missing = None
+        if ran.code == 0 and not ran.argparse_exit and not ran.escaped and ran.code in case.ok_codes:
+            missing = _not_landed(sb, argv, ran, set(after) - set(before))  # before reset clears it
     finally:
         sb.reset()
     verdict = Verdict("rejected", None, ran.code, ran.err, argv)
@@ -366,6 +377,8 @@ def check_case(sb: Sandbox, case: Case) -> Verdict:
         verdict.kind = "accepted"
         if case.must_reject:
             verdict.problem = f"accepted, but must be rejected: {case.must_reject}"
+        elif missing:
+            verdict.problem = f"accepted, but did not take effect: {missing}"
     elif ran.code == 0:
         verdict.problem = "exit code 0 for an argparse exit"
     else:
@@ -373,6 +386,135 @@ def check_case(sb: Sandbox, case: Case) -> Verdict:
         if verdict.problem is None and left:
             verdict.problem = f"rejected but left behind: {left[:5]}"
     return verdict
+
+
+# ---------------------------------------------------------------- an accepted case took effect
+
+
+def _flag(argv: list[str], flag: str) -> list[str]:
+    """Every value given to `flag` (`--flag=value` or `--flag value`), in order; none after `--`."""
+    out = []
+    for i, a in enumerate(argv):
+        if a == "--":
+            break
+        if a.startswith(flag + "="):
+            out.append(a[len(flag) + 1 :])
+        elif a == flag and i + 1 < len(argv):
+            out.append(argv[i + 1])
+    return out
+
+
+def _whole(value: str) -> int | None:
+    """A count flag's value as the integer it names, or None where this cannot tell ('5k')."""
+    n = _number(value)
+    return int(n) if n is not None and math.isfinite(n) and n == int(n) else None
+
+
+def _not_landed(sb: Sandbox, argv: list[str], ran: Ran, new: set[str]) -> str | None:
+    """What an accepted (exit 0) case asked for that its config, record or output does not show; None if all.
+
+    `new`: the sandbox paths the case created. Never raises: a failed check is the answer.
+    """
+    try:
+        verb = argv[0]
+        if verb == "launch" and "--print-config" in argv:
+            return _spec_problem(argv, yaml.safe_load(ran.out))
+        if verb == "launch" and "--dry-run" in argv:
+            runs = [k for k in new if k.startswith("runs/") and k.endswith("/") and k.count("/") == 2]
+            if len(runs) != 1:
+                return f"{len(runs)} new run folders, not one"
+            run = sb.root / runs[0]
+            record = json.loads((run / "run.json").read_text())
+            spec = yaml.safe_load((run / "config.yaml").read_text())
+            return _spec_problem(argv, spec) or _record_problem(argv, record)
+        if verb == "stage":
+            return _staged_problem(argv, ran)
+        if verb == "plan":
+            out = " ".join(ran.out.split())  # rich wraps lines
+            if _flag(argv, "--price") and "--price" not in out:
+                return "--price is not the price quoted"
+            if "--spot" in argv and "spot" not in out:
+                return "--spot, but no spot price quoted"
+        return None
+    except Exception as e:  # noqa: BLE001 - a check that cannot read what was written fails the case
+        return f"cannot read what it wrote: {type(e).__name__}: {e}"
+
+
+def _spec_problem(argv: list[str], spec: dict) -> str | None:
+    """Each --override key holds the value validating the preset with those keys set gives; --dataset too."""
+    overrides = _flag(argv, "--override")
+    if overrides:
+        raw = load_preset(_flag(argv, "--config")[-1])
+        keys = []
+        for text in overrides:
+            key, value = parse_override(text)
+            section, _, name = key.partition(".")
+            raw.setdefault(section, {})[name] = value
+            keys.append((section, name))
+        want = validate(raw).model_dump(mode="json")
+        for section, name in keys:
+            if spec[section][name] != want[section][name]:
+                return (
+                    f"{section}.{name} is {spec[section][name]!r}, not the override's {want[section][name]!r}"
+                )
+    for dataset in _flag(argv, "--dataset")[-1:]:
+        as_override = {parse_override(f"data.{k}={dataset}")[1] for k in ("dataset", "path")}  # 'x\n' is x
+        if not as_override & {spec["data"]["dataset"], spec["data"]["path"]}:
+            return f"--dataset {dataset!r} is neither data.dataset nor data.path"
+    return None
+
+
+def _record_problem(argv: list[str], record: dict) -> str | None:
+    """run.json of a dry run holds the flags that were given."""
+    for flag, key in (("--name", "name"), ("--store", "store")):
+        for value in _flag(argv, flag)[-1:]:
+            if record[key] not in (
+                value,
+                value.rstrip("/") if key == "store" else value,
+            ):  # s3://b/ is s3://b
+                return f"{flag} {value!r} but run.json has {key} {record[key]!r}"
+    for flag, key in (("--workers", "workers"), ("--nodes", "nodes"), ("--disk-size", "disk_size")):
+        for value in _flag(argv, flag)[-1:]:
+            if _whole(value) is not None and record[key] != _whole(value):
+                return f"{flag} {value!r} but run.json has {key} {record[key]!r}"
+    if "--spot" in argv and record["spot"] is not True:
+        return "--spot but run.json has spot false"
+    for value in _flag(argv, "--gpu")[-1:]:
+        from orchestrator.gpus import find_gpu
+
+        names, _, count = value.partition(":")
+        got_names, _, got_count = (record["gpu"] or "").partition(":")
+        want = {find_gpu(n).name for n in names.split(",")}
+        if set(got_names.split(",")) != want or (_whole(count or "1") not in (None, _whole(got_count))):
+            return f"--gpu {value!r} but run.json has gpu {record['gpu']!r}"
+    return None
+
+
+def _staged_problem(argv: list[str], ran: Ran) -> str | None:
+    """`stage` printed data.path=<URI>: a manifest is there, under the store asked for, as asked for."""
+    from model.shards import Manifest
+    from model.store import open_store
+
+    lines = [ln for ln in ran.out.split("\n") if ln.startswith("data.path=")]  # a path may hold a \r
+    if not lines:
+        return "no data.path= line in the output"
+    uri = lines[-1].split("=", 1)[1]
+    endpoint = (_flag(argv, "--endpoint-url") or [None])[-1]
+    store = open_store((_flag(argv, "--store") or [os.environ["LMCTL_STORE"]])[-1], endpoint)
+    if not uri.startswith(store.uri.rstrip("/") + "/"):
+        return f"staged at {uri}, not under the store {store.uri}"
+    if uri.startswith("file://"):  # read as a path: a folder `stage` accepted may hold a character
+        raw = Path(uri[len("file://") :], "manifest.json").read_bytes()  # that a file:// URI may not
+    else:
+        raw = open_store(uri, endpoint).get_bytes("manifest.json")
+    manifest = Manifest.model_validate_json(raw)
+    for value in _flag(argv, "--shard-tokens")[-1:]:
+        if _whole(value) is not None and manifest.shard_tokens != _whole(value):
+            return f"--shard-tokens {value!r} but the manifest has shard_tokens {manifest.shard_tokens}"
+    for value in _flag(argv, "--val-fraction")[-1:]:
+        if _number(value) is not None and manifest.val_fraction != _number(value):
+            return f"--val-fraction {value!r} but the manifest has val_fraction {manifest.val_fraction}"
+    return None
 
 
 # ---------------------------------------------------------------- strategies: values

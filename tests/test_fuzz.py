@@ -1,5 +1,6 @@
 """Bad input, generated: every rejection is one `error:` line naming the problem, a non-zero exit, no
-traceback, and nothing left on disk or in the bucket (tests/fuzz_inputs.py: strategies and the property).
+traceback, and nothing left on disk or in the bucket; every accepted input takes effect (its override is in
+the config written, its flag in run.json or the output) (tests/fuzz_inputs.py: strategies and the property).
 
 Each target runs a few dozen derandomized examples here; bench/chaos.py runs hundreds through run_fuzz.
 The @example cases are inputs that once broke the property, kept so they stay fixed.
@@ -22,6 +23,7 @@ FUZZ = settings(
 LOCAL = ("launch", "--dry-run", "--mode", "local", "--config", "tiny")
 CLOUD = ("launch", "--dry-run", "--config", "tiny", "--gpu", "H100", "--store", f"s3://{BUCKET}/runs")
 PLAN = ("plan", "--gpu", "H100", "--config", "tiny")
+PRINT = ("launch", "--print-config", "--config", "tiny")
 NEWLINE_KEY = b'train: {"a\\nb": 1}'  # a key with a newline in it
 STAGE = ("stage", f"--dataset={FIX}/ok.jsonl", f"--tokenizer={FIX}/tok.json", "--shard-tokens=2048")
 
@@ -49,6 +51,11 @@ def case(*argv: str, names=(), files=(), must_reject="a regression", ok_codes=(0
 @example(c=case(*LOCAL, f"--override=data.tokenizer={FIX}/nope.json", names=["data.tokenizer"]))
 @example(c=case(*LOCAL, "--override=model.vocab_size=!!int x", names=["model.vocab_size"]))
 @example(c=case(*LOCAL, f"--override=data.path={LONG}", names=["data.path"]))
+# accepted, so they must land: the last of a key wins, ' = ' is '=', YAML's off is false, 2024 as text
+@example(c=case(*LOCAL, "--override=train.steps=7", "--override=train.steps = 9", must_reject=None))
+@example(
+    c=case(*PRINT, "--override=model.tie_embeddings=off", "--override=wandb.entity=2024", must_reject=None)
+)
 def test_overrides(sb, c):
     clean(sb, c)
 
@@ -120,7 +127,8 @@ def test_numeric_flags(sb, c):
 
 
 def test_accepted_inputs_pass_too(sb):
-    """The property's other side: good input is accepted, and what it wrote is cleared for the next case."""
+    """The property's other side: good input is accepted, takes effect (check_case reads the manifest, config
+    and run.json it wrote), and what it wrote is cleared for the next case."""
     assert clean(sb, case(*STAGE, must_reject=None)) == "accepted"
     assert clean(sb, case(*LOCAL, "--override=train.lr=1e-3", must_reject=None)) == "accepted"
     # a hub revision for the local corpus: caught at launch now, not when the driver stages it
