@@ -322,9 +322,9 @@ class StopRequest:
 
 
 def outcome(checkpoints: str, steps: int) -> tuple[str, int]:
-    """How a run that ended cleanly ended: finished when its last step is committed, else stopped; with its
-    newest committed step. One answer for the driver and for a cloud run's refresh."""
-    from model.checkpoint import Checkpointer
+    """How a run that ended cleanly ended, as model.state defines it: finished when its last step is
+    committed, else stopped; with its newest committed step. For the driver and a cloud run's refresh."""
+    from model.state import committed_step, is_finished
 
-    step = Checkpointer(checkpoints).latest() or 0
-    return ("finished" if step >= steps else "stopped"), step
+    step = committed_step(checkpoints)
+    return ("finished" if is_finished(checkpoints, steps) else "stopped"), step
