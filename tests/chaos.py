@@ -18,6 +18,11 @@ Every command goes through the CLI in a subprocess, as a user types it. The kind
 
 The run's own log (driver.log) is the record: it holds every logged step and every "resumed from checkpoint
 at step K" line, even where metrics.jsonl was cut back at a resume.
+
+Each kill's outcome (`outcome`): missed, when it never landed (the run had already finished, the process to
+kill was already gone, or the run never reached the fault point and ended by itself: its record says how it
+ended, which a killed driver cannot write); survived, when it landed and the run kept every promise;
+failed otherwise. A missed kill proves nothing, so it is never counted as survived.
 """
 
 from __future__ import annotations
@@ -158,7 +163,8 @@ class Kill:
 
     kind: str
     at: str  # the instant, in words
-    missed: bool = False  # a timed kill that came after the run had finished
+    missed: bool = False  # the kill never landed (see `missed_why`): neither survived nor failed
+    missed_why: str | None = None  # e.g. "the run had finished", "the run ended by itself (finished)"
     offset: int = 0  # the length of the run's log at the kill
     last_logged: int = 0  # the highest step in the log when the run died
     committed: list[int] = field(default_factory=list)  # committed checkpoints then (not for worker kills)
@@ -185,11 +191,24 @@ class ChaosRun:
     leftovers: bool  # any process of the run's session still alive at the end
     seconds: float
 
+    @property
+    def kept_promises(self) -> bool:
+        return self.finished and self.identical and self.torn_loaded == 0 and not self.leftovers
+
     def to_dict(self) -> dict:
         out = asdict(self)
         for k, kill in zip(out["kills"], self.kills, strict=True):
             k["redone"] = kill.redone
+            k["outcome"] = outcome(kill, self)
         return out
+
+
+def outcome(kill: Kill, run: ChaosRun) -> str:
+    """missed: the kill never landed; survived: it landed and the run kept every promise; failed: it landed
+    and the run broke one (a run's promises are judged at its end, so every landed kill of it shares them)."""
+    if kill.missed:
+        return "missed"
+    return "survived" if run.kept_promises else "failed"
 
 
 def plan_kills(rng: random.Random, kinds: list[str]) -> list[tuple[str, float | int | str]]:
@@ -289,21 +308,32 @@ def _kill(
         time.sleep(max(0.0, started + float(when) - time.monotonic()))  # the chosen instant, not a sync
         at = f"{float(when):.2f} s after the start"
         if runs.effective_state(runs.read_record(path)) == "finished":
-            return Kill(kind, at, missed=True)
-        runs.kill_session(runs.read_record(path).session, signal.SIGKILL)
+            return Kill(kind, at, missed=True, missed_why="the run had finished")
+        if not runs.kill_session(runs.read_record(path).session, signal.SIGKILL):
+            return Kill(kind, at, missed=True, missed_why="no process of the run was left to kill")
     else:
         _wait_for_logged(env, name, int(when), since)
         record = runs.read_record(path)
+        at = f"after step {when} was logged" + (f" (rank {int(when) % 2})" if kind == "worker" else "")
         if kind == "session":
-            runs.kill_session(record.session, signal.SIGKILL)
-        elif kind == "driver":
-            os.kill(record.driver["pid"], signal.SIGKILL)  # what is left of the run, `lmctl resume` reaps
+            if not runs.kill_session(record.session, signal.SIGKILL):
+                return Kill(kind, at, missed=True, missed_why="no process of the run was left to kill")
         else:
             rank = int(when) % 2  # either worker: rank 0 holds the checkpoint writer, rank 1 does not
-            os.kill(int((path / "logs" / f"worker-{rank}.pid").read_text()), signal.SIGKILL)
-        at = f"after step {when} was logged" + (f" (rank {int(when) % 2})" if kind == "worker" else "")
+            try:
+                pid = (
+                    record.driver["pid"]
+                    if kind == "driver"
+                    else int(path.joinpath("logs", f"worker-{rank}.pid").read_text())
+                )
+                os.kill(pid, signal.SIGKILL)  # after the driver alone, `lmctl resume` reaps what is left
+            except (ProcessLookupError, FileNotFoundError) as e:
+                return Kill(kind, at, missed=True, missed_why=f"the {kind} was already gone ({e})")
     if kind != "worker":
         wait_until_dead(env, name)
+        ended = runs.read_record(path).state  # a killed driver cannot write how it ended
+        if ended not in runs.ACTIVE:  # a fault point never reached, or a kill that came too late
+            return Kill(kind, at, missed=True, missed_why=f"the run ended by itself ({ended})")
     return Kill(kind, at, offset=len(log_text(env, name)))
 
 
@@ -350,16 +380,18 @@ def _last_step(text: str) -> int:
 
 
 def summarize(chaos: list[ChaosRun]) -> dict:
-    """The figures the bench reports: trials, kills survived, steps redone per kill (mean, max)."""
+    """The figures the bench reports: trials, kills survived, failed and missed, steps redone per kill (mean,
+    max). `kills` counts the kills that landed (survived + failed); a missed one is in none of the figures."""
     kills = [k for c in chaos for k in c.kills if not k.missed]
     redone = [k.redone for k in kills]
-    ok = [c.finished and c.identical and c.torn_loaded == 0 and not c.leftovers for c in chaos]
-    survived = sum(len(c.kills) for c, good in zip(chaos, ok, strict=True) if good)
+    outcomes = [outcome(k, c) for c in chaos for k in c.kills]
     return {
         "runs": len(chaos),
         "kills": len(kills),
-        "missed": sum(k.missed for c in chaos for k in c.kills),
-        "kills_survived": survived,
+        "missed": outcomes.count("missed"),
+        "missed_why": [k.missed_why for c in chaos for k in c.kills if k.missed],
+        "kills_survived": outcomes.count("survived"),
+        "kills_failed": outcomes.count("failed"),
         "by_kind": {kind: sum(k.kind == kind for k in kills) for kind in KINDS},
         "steps_redone_mean": round(sum(redone) / len(redone), 2) if redone else None,
         "steps_redone_max": max(redone, default=None),
