@@ -1,7 +1,7 @@
 """Use a trained run: load its newest committed checkpoint, sample text, export to Hugging Face.
 
-The checkpoint's meta carries the resolved config and the staged data folder, whose tokenizer.json
-is the one the model was trained with; nothing else needs to be passed around.
+The checkpoint carries the resolved config and the staged data folder, whose tokenizer.json is the one the
+model was trained with (model/state.py reads it); nothing else needs to be passed around.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import Checkpointer
-from model.config import ConfigError, RunSpec
+from model.config import RunSpec
 from model.decoder import Decoder
 from model.export_hf import check_export_target, export_hf
 from model.generate import generate
-from model.staged import data_cache_dir, fetch_tokenizer
+from model.state import load_model
 from model.tokenizer import Tokenizer
 
 
@@ -42,32 +41,8 @@ def load_trained(checkpoints: str | Path, step: int | None = None, device: str =
         checkpoints = Path(checkpoints)
         if (checkpoints / "checkpoints").is_dir():
             checkpoints = checkpoints / "checkpoints"
-    ckpt = Checkpointer(checkpoints)
-    if step is not None:
-        _check_step(ckpt, step)
-    loaded = ckpt.load(step, keys=["model"])
-    if loaded is None:
-        raise ConfigError(f"{checkpoints} has no committed checkpoint yet")
-    state, meta = loaded
-    spec = RunSpec.model_validate(meta["config"])
-    model = Decoder(spec.model)
-    model.load_state_dict(state["model"])
-    tokenizer_path = fetch_tokenizer(meta["data"]["path"], data_cache_dir())
-    return TrainedModel(model.to(device).eval(), spec, tokenizer_path, int(meta["step"]))
-
-
-def _check_step(ckpt: Checkpointer, step: int) -> None:
-    """A step asked for by hand must be committed (not pruned, not half-written); else say which are."""
-    steps = ckpt.committed_steps()
-    if step not in steps:
-        have = (
-            f"committed steps: {', '.join(map(str, steps))}"
-            if steps
-            else "it has no committed checkpoint yet"
-        )
-        raise ConfigError(
-            f"step {step} is not a committed checkpoint of {ckpt.root} (pruned or never saved); {have}"
-        )
+    model, spec, tokenizer_path, done = load_model(checkpoints, step)
+    return TrainedModel(model.to(device).eval(), spec, tokenizer_path, done)
 
 
 def sample(

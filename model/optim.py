@@ -34,9 +34,11 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    # initial_lr (LambdaLR's base rate) from the start: a saved optimizer state carries it, and a fresh
+    # optimizer must have the same keys for the state to be loaded into it before the schedule is built
     groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": t.weight_decay, "initial_lr": t.lr},
+        {"params": no_decay, "weight_decay": 0.0, "initial_lr": t.lr},
     ]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
 

@@ -1,8 +1,8 @@
 """The training loop: one function for a plain process, torchrun, and every Ray Train worker.
 
-    python -m model.train --preset tiny --run-dir runs/plain        # one process, prepares data itself
-    python -m model.train --config runs/x/config.yaml --run-dir runs/x
-    torchrun --nproc_per_node 2 -m model.train --config ... --run-dir ...
+    python -m model.train --config tiny --run-dir runs/plain        # one process, prepares data itself
+    python -m model.train --run-config runs/x/config.yaml --run-dir runs/x
+    torchrun --nproc_per_node 2 -m model.train --run-config ... --run-dir ...
 
 On start it resumes from the newest committed checkpoint under <run-dir>/checkpoints by itself,
 so whoever restarts a run (lmctl resume, Ray's FailureConfig, SkyPilot recovery) takes the same path.
@@ -25,15 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
-from model.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
+from model.checkpoint import CheckpointError
 from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resolve
 from model.data import BatchLoader, eval_batches
 from model.decoder import Decoder
@@ -44,6 +37,7 @@ from model.metrics import MetricsLogger
 from model.optim import build_optimizer, build_scheduler
 from model.profiling import StepProfiler, phase
 from model.staged import data_cache_dir, fetch_dataset, staged_manifest
+from model.state import TrainingState, sharded
 from model.store import StoreError
 
 
@@ -127,11 +121,6 @@ def fit_to_device(spec: RunSpec, d: Dist) -> RunSpec:
     return spec.with_train(activation_checkpointing=level, micro_batch_size=micro)
 
 
-def sharded(spec: RunSpec, d: Dist) -> bool:
-    """FSDP shards over two or more ranks; on one rank it would only add all-gathers of nothing."""
-    return spec.train.parallel == "fsdp" and d.world_size > 1
-
-
 def wrap_model(model: Decoder, spec: RunSpec, d: Dist, bf16: bool) -> nn.Module:
     """Activation checkpointing, torch.compile per block, then FSDP2 or DDP, as the config asks.
 
@@ -200,12 +189,6 @@ def evaluate(model: nn.Module, batches, autocast, d: Dist) -> float:
     return total / max(count, 1)
 
 
-# Full (unsharded) state: one checkpoint format whatever the parallelism or world size. FSDP gathers it to
-# host memory; otherwise the Checkpointer's snapshot does the one device-to-host copy itself.
-FSDP_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-PLAIN_SAVE = StateDictOptions(full_state_dict=True)
-
-
 def train(
     spec: RunSpec,
     run_dir: str | Path,
@@ -264,31 +247,16 @@ def train(
     raw = Decoder(m).to(d.device)
     model = wrap_model(raw, spec, d, bf16)
     opt = build_optimizer(raw, t)
-    sched = build_scheduler(opt, t)
+
+    def checkpointed(s: int, seconds: float) -> None:  # metrics exists before any save
+        metrics.log({"step": s, "checkpoint": s, "checkpoint_s": round(seconds, 3)})
 
     root = run_dir / "checkpoints" if checkpoint_root is None else checkpoint_root
-    ckpt = Checkpointer(
-        root,
-        keep=t.keep_checkpoints,
-        async_save=t.async_checkpoint,
-        on_commit=lambda s: metrics.log(  # metrics exists before any save
-            {"step": s, "checkpoint": s, "checkpoint_s": round(time.perf_counter() - save_started.pop(s), 3)}
-        ),
-    )
-    save_started: dict[int, float] = {}  # step -> when its save began: the commit logs how long it took
-    start_step = 0
-    loaded = ckpt.load()
-    if loaded is not None:
-        state, meta = loaded
-        _check_compatible(spec, meta)
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(raw, state["model"], options=opts)
-        set_optimizer_state_dict(raw, opt, state["optim"], options=opts)
-        set_rng_state(state["rng"])
-        start_step = int(meta["step"])
-        sched = build_scheduler(opt, t, start_step)  # this config's schedule: train.steps may have grown
-        if d.main:
-            print(f"resumed from checkpoint at step {start_step}", flush=True)
+    state = TrainingState(root, spec, raw, opt, d, train_data.manifest.tokenizer_sha256, checkpointed)
+    start_step = state.restore()
+    sched = build_scheduler(opt, t, start_step)  # this config's schedule: train.steps may have grown
+    if start_step and d.main:
+        print(f"resumed from checkpoint at step {start_step}", flush=True)
 
     loader = BatchLoader(
         train_data, spec.global_batch_seqs, t.micro_batch_size, d.rank, d.world_size, t.seed, d.device
@@ -299,27 +267,11 @@ def train(
     metrics = MetricsLogger(run_dir, spec, run_id, start_step, enabled=d.main)
     peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     fpt = flops_per_token(m)
-    meta_base = {
-        "config": spec.model_dump(mode="json"),
-        "data": {"path": spec.data.path, "tokenizer_sha256": train_data.manifest.tokenizer_sha256},
-        "world_size": d.world_size,
-    }
 
-    def save(step: int) -> None:
-        need_all_ranks = spec.train.parallel == "fsdp" and d.world_size > 1
-        if not (d.main or need_all_ranks):
-            return
-        options = FSDP_SAVE if need_all_ranks else PLAIN_SAVE
-        state = {
-            "model": get_model_state_dict(raw, options=options),
-            "optim": get_optimizer_state_dict(raw, opt, options=options),
-            "sched": sched.state_dict(),
-            "rng": rng_state(),
-        }
-        if d.main:
-            tokens = step * t.global_batch_tokens
-            save_started[step] = time.perf_counter()
-            ckpt.save(step, state, {**meta_base, "step": step, "tokens": tokens})
+    def log(rec: dict) -> None:
+        metrics.log(rec)
+        if on_log:
+            on_log(rec)
 
     profiler = (
         StepProfiler(run_dir / "profile", profile_steps, d.device) if profile_steps and d.main else None
@@ -361,35 +313,27 @@ def train(
                     "mfu": tok_s * fpt / (peak * d.world_size) if peak else None,
                 }
                 last_loss = loss_val
-                metrics.log(rec)
-                if on_log:
-                    on_log(rec)
+                log(rec)
             paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
             if step % t.eval_every == 0 or step == t.steps:
                 last_val = evaluate(model, val_batches, autocast, d)
-                rec = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0))}
-                metrics.log(rec)
-                if on_log:
-                    on_log(rec)
+                log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0))})
             asked = stop_at is not None and step >= stop_at  # the same on every rank
             if should_stop:  # every step, whatever log_every: a stop is acted on within one step
                 asked = _any_rank(should_stop(), d) or asked
             stop_requested = asked and step < t.steps
             if stop_requested:
-                rec = {"step": step, "stop": "requested", "step_s": round(paused - step_began, 3)}
-                metrics.log(rec)
-                if on_log:
-                    on_log(rec)
+                log({"step": step, "stop": "requested", "step_s": round(paused - step_began, 3)})
             # At most one save is in flight (the next waits for it), and training goes on while it uploads:
             # a crash redoes the steps since the newest commit, fewer than two checkpoint intervals.
             if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
-                save(step)
+                state.save(step)
             tick += time.perf_counter() - paused
             if stop_requested:
                 break
     finally:
         try:
-            ckpt.close()  # re-raises a failed async save: the run must not end as if it were saved
+            state.close()  # re-raises a failed async save: the run must not end as if it were saved
         finally:
             metrics.close()
     return TrainResult(step=step, loss=last_loss, val_loss=last_val, stopped=stop_requested)
@@ -426,20 +370,6 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
 
 
-def _check_compatible(spec: RunSpec, meta: dict) -> None:
-    """A checkpoint of another model shape cannot be resumed; a changed batch would change the data order."""
-    saved = meta.get("config", {})
-    if saved.get("model") and saved["model"] != spec.model.model_dump(mode="json"):
-        raise ConfigError("the checkpoint was trained with a different model config; start a new run instead")
-    saved_batch = saved.get("train", {}).get("global_batch_tokens")
-    if saved_batch and saved_batch != spec.train.global_batch_tokens:
-        print(
-            f"warning: global_batch_tokens changed from {saved_batch} to {spec.train.global_batch_tokens}; "
-            "the data order after the resume point differs from the original run",
-            file=sys.stderr,
-        )
-
-
 def prepare_local_data(spec: RunSpec, run_dir: Path) -> RunSpec:
     """For a plain process without staging: tokenize `data.dataset` (a jsonl file) into run_dir/data once."""
     from model.shards import prepare_dataset, read_jsonl_texts
@@ -459,8 +389,8 @@ def prepare_local_data(spec: RunSpec, run_dir: Path) -> RunSpec:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="resolved config.yaml of a run (what workers read)")
-    src.add_argument("--preset", help="preset name or YAML path; data is prepared into the run dir")
+    src.add_argument("--config", help="preset name or YAML path (as for lmctl launch); data is prepared here")
+    src.add_argument("--run-config", metavar="FILE", help="a run's resolved config.yaml (what workers read)")
     ap.add_argument("--run-dir", required=True, help="run directory: checkpoints/, metrics.jsonl")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -478,12 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--profile {args.profile}: give a number of steps >= 1")
     run_dir = Path(args.run_dir)
     try:
-        if args.config:
-            spec = load_spec(args.config)
+        if args.run_config:
+            spec = load_spec(args.run_config)
             if args.override:
-                spec = resolve(args.config, args.override)
+                spec = resolve(args.run_config, args.override)
         else:
-            spec = resolve(args.preset, args.override)
+            spec = resolve(args.config, args.override)
             if spec.data.path:
                 staged_manifest(spec.data.path)  # is it staged? checked before writing anything
             run_dir.mkdir(parents=True, exist_ok=True)
