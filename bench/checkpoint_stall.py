@@ -55,7 +55,7 @@ def run(spec, run_dir: Path, root: str | None) -> dict:
         run_dir,
         device="cpu",
         on_log=lambda r: "loss" in r and stamps.append(time.perf_counter()),
-        checkpoint_root=root,
+        checkpoints=root,
     )
     total = time.perf_counter() - t0
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]

@@ -781,7 +781,7 @@ def stage_stall(args, rec: Recorder) -> None:
 
             root = Path(tmp) / name / "store"
             t0 = time.perf_counter()
-            train(spec, Path(tmp) / name, device=dev, on_log=on_log, checkpoint_root=f"file://{root}")
+            train(spec, Path(tmp) / name, device=dev, on_log=on_log, checkpoints=f"file://{root}")
             total = time.perf_counter() - t0
             gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
             med = statistics.median(gaps)

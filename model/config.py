@@ -7,6 +7,7 @@ This module imports no torch, so the CLI can resolve and print configs instantly
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,7 +181,16 @@ class RunSpec(_Strict):
         return validate({**self.model_dump(), "train": {**self.train.model_dump(), **changes}})
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """config.yaml's text: the whole resolved spec, the single source of truth every worker reads."""
+        return "# resolved by lmctl; workers read this file. No secrets.\n" + yaml.safe_dump(
+            self.model_dump(mode="json"), sort_keys=False
+        )
+
+    def write(self, run_dir: str | Path) -> None:
+        """The one writer of a run's config.yaml, by a rename: a crash leaves the old file or the new one."""
+        tmp = Path(run_dir) / ".config.yaml.tmp"
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, tmp.with_name("config.yaml"))
 
 
 # ---------------------------------------------------------------- presets and overrides

@@ -4,7 +4,7 @@ model.pt and optim.pt hold full (unsharded) state dicts, one format whatever the
 rng.pt the RNG states; meta.json the resolved config, data {path, tokenizer_sha256}, world_size, step and
 tokens. No scheduler: the learning rate is a function of step and config (model/optim.py), so an extended
 run takes its new schedule (older checkpoints' sched.pt is never read). torch is imported where tensors
-are handled: `lmctl status` calls is_finished().
+are handled: `lmctl status` calls outcome().
 """
 
 from __future__ import annotations
@@ -116,9 +116,11 @@ def committed_step(checkpoints: str | Path) -> int:
     return Checkpointer(checkpoints).latest() or 0
 
 
-def is_finished(checkpoints: str | Path, total_steps: int) -> bool:
-    """The run's last step is committed: finished, whatever its processes said as they ended."""
-    return committed_step(checkpoints) >= total_steps
+def outcome(checkpoints: str | Path, total_steps: int) -> tuple[str, int]:
+    """How a run that ended cleanly ended, with its newest committed step: "finished" when its last step is
+    committed, whatever its processes said as they ended; else "stopped". The driver and a cloud refresh."""
+    step = committed_step(checkpoints)
+    return ("finished" if step >= total_steps else "stopped"), step
 
 
 def load_model(checkpoints: str | Path, step: int | None = None) -> tuple[Decoder, RunSpec, Path, int]:

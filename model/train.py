@@ -197,7 +197,7 @@ def train(
     stop_at: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_log: Callable[[dict], None] | None = None,
-    checkpoint_root: str | Path | None = None,
+    checkpoints: str | Path | None = None,
     profile_steps: int = 0,
 ) -> TrainResult:
     """Train `spec` in `run_dir`, resuming from its newest committed checkpoint.
@@ -206,7 +206,7 @@ def train(
     should_stop: polled after every step (e.g. SIGTERM seen, a STOP file); any rank asking stops all ranks
         at that step, after a checkpoint of it.
     on_log: called on every rank with each logged record (Ray reports through this).
-    checkpoint_root: where checkpoints live, default run_dir/checkpoints; a store URI such as
+    checkpoints: where checkpoints live, default run_dir/checkpoints; a store URI such as
         s3://bucket/runs/<run>/checkpoints keeps them off the (maybe ephemeral) local disk.
     profile_steps: profile that many steps (after two warm-up steps) into run_dir/profile, then stop
         (model/profiling.py); rank 0 only.
@@ -251,8 +251,8 @@ def train(
     def checkpointed(s: int, seconds: float) -> None:  # metrics exists before any save
         metrics.log({"step": s, "checkpoint": s, "checkpoint_s": round(seconds, 3)})
 
-    root = run_dir / "checkpoints" if checkpoint_root is None else checkpoint_root
-    state = TrainingState(root, spec, raw, opt, d, train_data.manifest.tokenizer_sha256, checkpointed)
+    checkpoints = run_dir / "checkpoints" if checkpoints is None else checkpoints
+    state = TrainingState(checkpoints, spec, raw, opt, d, train_data.manifest.tokenizer_sha256, checkpointed)
     start_step = state.restore()
     sched = build_scheduler(opt, t, start_step)  # this config's schedule: train.steps may have grown
     if start_step and d.main:
@@ -386,26 +386,33 @@ def prepare_local_data(spec: RunSpec, run_dir: Path) -> RunSpec:
     return spec.model_copy(update={"data": spec.data.model_copy(update={"path": str(out)})})
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+def _steps(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps >= 1")
+    return int(text)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m model.train") -> int:
+    """Train in this process; also `lmctl train`, which hands its arguments here unparsed."""
+    what = "Train in this process (no Ray), resuming from the newest committed checkpoint in the run dir."
+    ap = argparse.ArgumentParser(prog=prog, description=what)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="preset name or YAML path (as for lmctl launch); data is prepared here")
     src.add_argument("--run-config", metavar="FILE", help="a run's resolved config.yaml (what workers read)")
     ap.add_argument("--run-dir", required=True, help="run directory: checkpoints/, metrics.jsonl")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="train.steps=50")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this step")
     ap.add_argument(
         "--profile",
-        type=int,
+        type=_steps,
         default=0,
         metavar="N",
-        help="profile N steps (after 2 warm-up steps) into <run-dir>/profile: trace.json (Perfetto, "
-        "chrome://tracing), memory_snapshot.pickle on a GPU (pytorch.org/memory_viz), summary.txt; then stop",
+        help="profile N steps (after 2 warm-up steps) into <run-dir>/profile, then stop: trace.json "
+        "(Perfetto), memory_snapshot.pickle on a GPU (pytorch.org/memory_viz), summary.txt; "
+        "forward/backward/optimizer are NVTX ranges for nsys",
     )
     args = ap.parse_args(argv)
-    if args.profile < 0:
-        ap.error(f"--profile {args.profile}: give a number of steps >= 1")
     run_dir = Path(args.run_dir)
     try:
         if args.run_config:
@@ -419,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not spec.data.path:
                 spec = prepare_local_data(spec, run_dir)
-            (run_dir / "config.yaml").write_text(spec.to_yaml())
+            spec.write(run_dir)
     except (ConfigError, ValueError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -132,7 +132,7 @@ class SkyPilotBackend:
     def refresh(self, path: Path) -> runs.RunRecord:
         """An active run's record and metrics brought up to date: metrics.jsonl from the store (the pods write
         it there), the state from SkyPilot. A job that ended cleanly finished only if its last step is
-        committed (runs.outcome); otherwise it was stopped."""
+        committed (model.state.outcome); otherwise it was stopped."""
         from model.store import open_store
         from orchestrator import cloud
 
@@ -149,7 +149,9 @@ class SkyPilotBackend:
         if state == "running" and record.state == "stopping":
             state = "stopping"  # asked to stop; the workers have not seen it yet
         elif state == "finished":
-            state, _ = runs.outcome(record.checkpoints, record.steps)
+            from model.state import outcome
+
+            state, _ = outcome(record.checkpoints, record.steps)
         message = info.message if state == "failed" else record.message
         return runs.update_record(
             path, state=state, job_seconds=info.seconds, recoveries=info.recoveries, message=message

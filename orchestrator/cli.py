@@ -65,8 +65,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     rows = []
     for name in preset_names():
-        spec = resolve(name)
-        m, t = spec.model, spec.train
+        m, t = (spec := resolve(name)).model, spec.train
         rows.append(
             {
                 "preset": name,
@@ -89,35 +88,18 @@ def cmd_presets(args: argparse.Namespace) -> int:
     table = Table(
         "preset", "params", "layers", "d_model", "heads (q/kv)", "seq", "FLOPs/token", "batch tokens"
     )
+    counts = ("params", "flops_per_token", "global_batch_tokens")  # shown as 1.2B, 350M
     for r in sorted(rows, key=lambda r: r["params"]):
-        table.add_row(
-            r["preset"],
-            human(r["params"]),
-            str(r["layers"]),
-            str(r["d_model"]),
-            r["heads"],
-            str(r["seq_len"]),
-            human(r["flops_per_token"]),
-            human(r["global_batch_tokens"]),
-        )
+        table.add_row(*(human(v) if k in counts else str(v) for k, v in r.items() if k != "steps"))
     Console().print(table)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`lmctl train ARGS` is `python -m model.train ARGS`: one set of flags, defined there."""
     from model.train import main as train_main
 
-    argv = ["--run-dir", args.run_dir]
-    argv += ["--run-config", args.run_config] if args.run_config else ["--config", args.config]
-    for o in args.override:
-        argv += ["--override", o]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.stop_at is not None:
-        argv += ["--stop-at", str(args.stop_at)]
-    if args.profile:
-        argv += ["--profile", str(args.profile)]
-    return train_main(argv)
+    return train_main(args.train_args, prog="lmctl train")
 
 
 def _positive(text: str, what: str = "steps") -> int:
@@ -326,9 +308,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     overrides = [*args.override, *([dataset_override(args.dataset)] if args.dataset is not None else [])]
     overrides += [f"{k}={getattr(args, f)}" for f, k in SOURCE_FLAGS.items() if getattr(args, f) is not None]
     if args.print_config:
-        from orchestrator.render import render_config
-
-        print(render_config(resolve_spec(args.config, overrides, args.wandb)), end="")
+        print(resolve_spec(args.config, overrides, args.wandb).to_yaml(), end="")
         return 0
     launched = launch(
         args.config,
@@ -727,7 +707,9 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)
-        if extras:  # told by the verb's parser: its usage, and the flag nearest to a mistyped one
+        if getattr(namespace, "verb", None) == "train":  # model.train parses them
+            namespace.train_args = extras
+        elif extras:  # told by the verb's parser: its usage, and the flag nearest to a mistyped one
             parser = self.verbs.choices.get(getattr(namespace, "verb", None), self) if self.verbs else self
             parser.error(f"unrecognized arguments: {' '.join(extras)}{parser._flag_hint(extras)}")
         return namespace
@@ -923,27 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_presets)
 
+    # Its flags are model.train's (`lmctl train --help` shows them); they pass through unparsed here.
     p = sub.add_parser(
-        "train",
-        help="run the training loop in this process (no Ray): debugging, benchmarks",
-        description="Run the training loop in this process. Resumes from the run's newest checkpoint.",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="preset name (tiny, 124m, 350m, 1b) or a YAML path, as for launch")
-    src.add_argument("--run-config", metavar="FILE", help="a run's resolved config.yaml (what workers read)")
-    p.add_argument("--run-dir", required=True, help="where checkpoints/ and metrics.jsonl go")
-    p.add_argument(
-        "--override", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=100"
-    )
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--stop-at", type=int, help="stop with a checkpoint after this many steps")
-    p.add_argument(
-        "--profile",
-        type=_positive,
-        metavar="N",
-        help="profile N steps after 2 warm-up steps, then stop: <run-dir>/profile/trace.json (Perfetto, "
-        "chrome://tracing), memory_snapshot.pickle on a GPU (pytorch.org/memory_viz), summary.txt; "
-        "forward/backward/optimizer are NVTX ranges for nsys",
+        "train", add_help=False, help="run the training loop in this process (no Ray): debugging, benchmarks"
     )
     p.set_defaults(func=cmd_train)
 

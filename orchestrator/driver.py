@@ -11,9 +11,8 @@ in the store by themselves, so a worker restarted by Ray's FailureConfig, a driv
 On a pod the run directory is rebuilt from the store (config.yaml, metrics.jsonl so far): a pod that
 SkyPilot recovered after a preemption is a new machine that knows only the run's name and store.
 
-Stopping: the file runs/<name>/STOP (on a pod: the object runs/<name>/STOP in the store) asks every worker
-to checkpoint and stop at the end of the step it is in. `lmctl stop` writes it; SIGTERM or Ctrl-C to the
-driver writes it too.
+Stopping: a runs.StopRequest in the store asks every worker to checkpoint and stop at the end of the step
+it is in; `lmctl stop` asks, and so does SIGTERM or Ctrl-C to the driver.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from model.config import ConfigError, RunSpec, load_spec
+from model.state import outcome
 from model.store import StoreError, open_store
 from orchestrator import runs
 from orchestrator.runs import say
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.update_record(path, state="running")
         message = fit(spec, record, path, use_gpu, pod=bool(args.pod))
         if message is None:
-            state, step = runs.outcome(record.checkpoints, spec.train.steps)
+            state, step = outcome(record.checkpoints, spec.train.steps)
             code, message = 0, f"{state} at step {step}"
     except (ConfigError, StoreError, StageError, ClusterError) as e:
         message = str(e)

@@ -20,7 +20,7 @@ from pathlib import Path
 from model.config import ConfigError, RunSpec, load_spec, resolve
 from model.hardware import DEFAULT_MFU
 from orchestrator import backends, runs
-from orchestrator.render import render_task, write_atomically, write_config
+from orchestrator.render import render_task, write_atomically
 from orchestrator.sanity import warn_before_launch
 
 DISK_GB = 128  # per node: data cache, checkpoint staging, the venv; SkyPilot's default (256) is billed
@@ -255,7 +255,7 @@ def launch(
     try:
         os.chmod(path, 0o700)  # run state stays the owner's
         (path / "logs").mkdir()
-        write_config(path, spec)
+        spec.write(path)
         resources, nodes = (cloud_plan.resources, hardware.nodes) if cloud_plan else (None, 1)
         (path / runs.TASK).write_text(render_task(name, store, workers, resources, nodes))
         record = runs.new_record(name, backend.mode, "created", preset, store, workers, spec)
@@ -334,7 +334,7 @@ def resume(
         if notify:
             notify(schedule_change(planned.train, spec.train, done))
     spec = backend.plan_resume(path, record, spec, done, hardware, show_plan, max_cost, confirm)
-    write_config(path, spec)
+    spec.write(path)
     runs.update_record(path, steps=spec.train.steps)
     return backend.start(path)
 
@@ -368,11 +368,11 @@ def replan(path: Path, record, spec: RunSpec, done: int, hardware, show_plan, ma
 
 def _trained_steps(record: runs.RunRecord) -> int:
     """Steps of the run's newest committed checkpoint (0 before any): the store's word, not the metrics'."""
-    from model.checkpoint import Checkpointer
+    from model.state import committed_step
     from model.store import StoreError
 
     try:
-        return Checkpointer(record.checkpoints).latest() or 0
+        return committed_step(record.checkpoints)
     except (StoreError, OSError) as e:
         raise ConfigError(
             f"could not list run {record.name!r}'s checkpoints in {record.checkpoints}: {e}"

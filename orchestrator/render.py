@@ -1,4 +1,4 @@
-"""Render a run's files: the resolved config.yaml and the SkyPilot task.yaml from tasks/train.yaml.
+"""Render a run's SkyPilot task.yaml from tasks/train.yaml (its config.yaml is model.config's RunSpec.write).
 
 Values are substituted as JSON strings (valid YAML scalars), so a name or URI can never break the YAML
 or smuggle in keys. Nothing secret is ever rendered: credentials reach pods as SkyPilot secrets, attached
@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from model.config import RunSpec
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 PROJECT_ROOT = TASKS_DIR.parent
@@ -54,16 +52,6 @@ def render_task(
 
 def _indent(block: str) -> str:
     return "\n".join(f"  {line}" for line in block.splitlines())
-
-
-def render_config(spec: RunSpec) -> str:
-    """config.yaml: the whole resolved spec, the single source of truth every worker reads."""
-    return "# resolved by lmctl; workers read this file. No secrets.\n" + spec.to_yaml()
-
-
-def write_config(path: Path, spec: RunSpec) -> None:
-    """The one writer of a run's config.yaml (launch, the staged data's path, resume --steps, a move)."""
-    write_atomically(path / "config.yaml", render_config(spec))
 
 
 def write_atomically(file: Path, text: str) -> None:

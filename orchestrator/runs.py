@@ -319,12 +319,3 @@ class StopRequest:
         if not self._asked and time.monotonic() - self._polled >= self.every_s:
             self._asked, self._polled = self.store.exists(self.key), time.monotonic()
         return self._asked
-
-
-def outcome(checkpoints: str, steps: int) -> tuple[str, int]:
-    """How a run that ended cleanly ended, as model.state defines it: finished when its last step is
-    committed, else stopped; with its newest committed step. For the driver and a cloud run's refresh."""
-    from model.state import committed_step, is_finished
-
-    step = committed_step(checkpoints)
-    return ("finished" if is_finished(checkpoints, steps) else "stopped"), step

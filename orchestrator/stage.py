@@ -732,7 +732,6 @@ def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) ->
     and by the cloud launch, which stages before renting GPUs; they record data.path in run.json."""
     from model.staged import staged_manifest
     from orchestrator import runs
-    from orchestrator.render import write_config
     from orchestrator.sanity import warn_epochs
 
     if spec.data.path:
@@ -744,5 +743,5 @@ def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) ->
     runs.say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
     warn_epochs(spec, result.manifest)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
-    write_config(path, spec)
+    spec.write(path)
     return spec

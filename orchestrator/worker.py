@@ -59,7 +59,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
             device=device,
             should_stop=should_stop,
             on_log=on_log,
-            checkpoint_root=cfg["checkpoints"],
+            checkpoints=cfg["checkpoints"],
         )
     except BaseException:
         if mirror:  # the last metrics, if the store takes them; the training error is what must surface

@@ -19,7 +19,6 @@ from model.train import train
 from orchestrator import launch as launching
 from orchestrator.backends import LocalBackend
 from orchestrator.cli import main
-from orchestrator.render import render_config
 
 WSD = ["train.schedule=wsd", "train.decay_fraction=0.25", "train.warmup_steps=2"]
 
@@ -118,5 +117,5 @@ def test_resume_steps_rewrites_the_plan_of_a_local_run(tmp_path, capsys, monkeyp
     assert started == [path] and record.steps == 300
     spec = launching.load_spec(path / "config.yaml")
     assert spec.train.steps == 300 and spec.train.schedule == "wsd"
-    assert (path / "config.yaml").read_text() == render_config(spec)
+    assert (path / "config.yaml").read_text() == spec.to_yaml()
     assert "as in a run planned for 300" in capsys.readouterr().out

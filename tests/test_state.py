@@ -15,7 +15,7 @@ from model.checkpoint import COMMIT, Checkpointer
 from model.config import resolve
 from model.decoder import Decoder
 from model.optim import build_optimizer
-from model.state import STATE_KEYS, TrainingState, committed_step, is_finished
+from model.state import STATE_KEYS, TrainingState, committed_step, outcome
 from model.train import Dist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,24 +93,24 @@ def test_older_checkpoints_with_a_scheduler_state_still_restore(tmp_path):
 
 def test_finished_means_the_last_step_is_committed(tmp_path):
     root = tmp_path / "checkpoints"
-    assert committed_step(root) == 0 and not is_finished(root, 4)  # no folder at all
+    assert committed_step(root) == 0 and outcome(root, 4) == ("stopped", 0)  # no folder at all
     c = Checkpointer(root)
     c.save(2, {"model": {"w": torch.zeros(2)}}, {})
-    assert committed_step(root) == 2 and not is_finished(root, 4)
+    assert outcome(root, 4) == ("stopped", 2)
     c.save(4, {"model": {"w": torch.ones(2)}}, {})
     (c.step_dir(4) / COMMIT).unlink()  # step 4 written but not committed (killed before COMMIT)
-    assert committed_step(root) == 2 and not is_finished(root, 4)
+    assert outcome(root, 4) == ("stopped", 2)
     (c.step_dir(4) / COMMIT).write_text(json.dumps({"step": 4, "files": {}}))
-    assert committed_step(root) == 4 and is_finished(root, 4) and not is_finished(root, 5)
+    assert outcome(root, 4) == ("finished", 4) and outcome(root, 5) == ("stopped", 4)
 
 
 @pytest.mark.parametrize("committed", [False, True])
-def test_is_finished_does_not_import_torch(tmp_path, committed):
+def test_outcome_does_not_import_torch(tmp_path, committed):
     if committed:
         Checkpointer(tmp_path).save(3, {"model": {"w": torch.zeros(1)}}, {})
     code = (
-        "import sys; from model.state import is_finished\n"
-        f"print(is_finished({str(tmp_path)!r}, 3)); print('torch' in sys.modules)"
+        "import sys; from model.state import outcome\n"
+        f"print(outcome({str(tmp_path)!r}, 3)[0] == 'finished'); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(committed), "False"], out.stderr

@@ -81,9 +81,9 @@ def test_stop_and_resume_with_checkpoints_in_s3(small_data, reference, tmp_path,
     monkeypatch.setenv("LMCTL_CACHE", str(tmp_path / "cache"))
     root = f"{s3_bucket.uri}/runs/r1/checkpoints"
     spec = small_spec(small_data)
-    assert train(spec, tmp_path / "run", stop_at=3, checkpoint_root=root).step == 3
+    assert train(spec, tmp_path / "run", stop_at=3, checkpoints=root).step == 3
     assert Checkpointer(root).latest() == 3 and not (tmp_path / "run" / "checkpoints").exists()
-    assert train(spec, tmp_path / "run", checkpoint_root=root).step == 8
+    assert train(spec, tmp_path / "run", checkpoints=root).step == 8
     assert train_losses(tmp_path / "run") == train_losses(reference)
 
 
