@@ -1,7 +1,7 @@
 """Checkpoint I/O: save and load time for 124m- and 1b-sized training states on local disk.
 
-The state is what the training loop saves: fp32 weights plus AdamW's exp_avg and exp_avg_sq
-(3 x params x 4 bytes), as plain tensors with the decoder's shapes. For each size we time
+The state is what the training loop saves (model/state.py): fp32 weights plus AdamW's exp_avg and
+exp_avg_sq (3 x params x 4 bytes), as plain tensors with the decoder's names and shapes. For each size we time
   - two asynchronous saves: the time until save() returns (the snapshot: the stall training sees),
     and until the COMMIT is written (serialise + crc32 + write + fsync = the save time). The first
     save allocates the snapshot buffers; the second copies into them, as every later save does.
@@ -29,29 +29,17 @@ import torch
 
 from model.checkpoint import Checkpointer
 from model.config import ModelConfig, param_count, resolve
+from model.decoder import Decoder
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_io.json"
 
 
 def param_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The decoder's parameter shapes (names are illustrative; sizes match param_count exactly)."""
-    qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
-    shapes = {"embed.weight": (m.vocab_size, m.d_model)}
-    for i in range(m.n_layers):
-        p = f"layers.{i}."
-        shapes |= {
-            p + "attn_norm.weight": (m.d_model,),
-            p + "qkv_proj.weight": (qkv, m.d_model),
-            p + "o_proj.weight": (m.d_model, m.n_heads * m.head_dim),
-            p + "mlp_norm.weight": (m.d_model,),
-            p + "gate_proj.weight": (m.d_ff, m.d_model),
-            p + "up_proj.weight": (m.d_ff, m.d_model),
-            p + "down_proj.weight": (m.d_model, m.d_ff),
-        }
-    shapes["norm.weight"] = (m.d_model,)
-    if not m.tie_embeddings:
-        shapes["lm_head.weight"] = (m.vocab_size, m.d_model)
+    """The decoder's own parameter names and shapes, from a Decoder built on the meta device (no memory)."""
+    with torch.device("meta"):
+        decoder = Decoder(m)
+    shapes = {k: tuple(p.shape) for k, p in decoder.named_parameters()}
     assert sum(torch.Size(s).numel() for s in shapes.values()) == param_count(m)
     return shapes
 
