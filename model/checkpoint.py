@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from model.faults import fault_point
 from model.shards import atomic_write, fsync_dir
-from model.store import Store, StoreError, cache_root, open_store
+from model.store import Store, StoreError, _os_error, cache_root, open_store
 
 if TYPE_CHECKING:
     import torch
@@ -105,17 +104,12 @@ def _write_stream(path: Path, fill: Callable[[BinaryIO], Any]) -> dict[str, int]
             path.unlink(missing_ok=True)  # a partial file must not keep a full disk full
         cause = w.error if w is not None and w.error is not None else e
         if isinstance(cause, OSError):
-            name = errno.errorcode.get(cause.errno or 0, str(cause.errno))
-            raise CheckpointError(f"cannot write {path}: {cause.strerror or cause} ({name})") from e
+            raise CheckpointError(f"cannot write {path}: {_os_error(cause)}") from e
         raise
     size = path.stat().st_size
     if size != w.size:
         raise CheckpointError(f"{path}: wrote {w.size} bytes but {size} are on disk")
     return {"size": size, "crc32": w.crc}
-
-
-def _read_bytes(path: Path) -> bytes:
-    return path.read_bytes()
 
 
 def _measure(path: Path) -> dict[str, int]:
@@ -133,15 +127,6 @@ def _list(path: Path) -> list[str]:
         return sorted(p.name for p in path.iterdir())
     except FileNotFoundError:
         return []
-
-
-def _delete(path: Path) -> None:
-    path.unlink(missing_ok=True)
-
-
-def checkpoint_cache_dir() -> Path:
-    """Where checkpoints loaded from a store are cached: $LMCTL_CACHE/checkpoints (~/.cache/lmctl)."""
-    return cache_root() / "checkpoints"
 
 
 class _Folder:
@@ -174,7 +159,7 @@ class _Folder:
         atomic_write(self.root / d / COMMIT, [data])
 
     def read_bytes(self, d: str, name: str) -> bytes:
-        return _read_bytes(self.root / d / name)
+        return (self.root / d / name).read_bytes()
 
     def local(self, d: str, name: str, expected: Any) -> Path:
         """A local path to verify and load `name` from: the file itself."""
@@ -182,7 +167,7 @@ class _Folder:
 
     def delete(self, d: str, name: str) -> None:
         """Durably: once COMMIT's removal returns, a power cut cannot bring it back over deleted files."""
-        _delete(self.root / d / name)
+        (self.root / d / name).unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             fsync_dir(self.root / d)
 
@@ -253,10 +238,9 @@ class _StoreFolder:
         try:
             self.store.get_file(f"{d}/{name}", path)
         except StoreError:
-            if not self.store.exists(f"{d}/{name}"):
-                path.unlink(missing_ok=True)  # a stale cached copy must not pass for the missing file
-                return path
-            raise
+            if self.store.exists(f"{d}/{name}"):
+                raise
+            path.unlink(missing_ok=True)  # a stale cached copy must not pass for the missing file
         return path
 
     def delete(self, d: str, name: str) -> None:
@@ -390,13 +374,14 @@ class Checkpointer:
         on_commit: Callable[[int], None] | None = None,
     ):
         """`root`: a folder, or a store URI (s3://..., file://...) whose downloads go to `cache_dir`
-        (default checkpoint_cache_dir()); `endpoint_url` applies to s3:// only. `on_commit(step)` runs
+        (default cache_root()/checkpoints); `endpoint_url` applies to s3:// only. `on_commit(step)` runs
         after each commit (in the writer thread when async), e.g. to tell observers which step is safe."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if isinstance(root, str) and "://" in root:
             self.root: str | Path = root
-            self._io = _StoreFolder(open_store(root, endpoint_url), Path(cache_dir or checkpoint_cache_dir()))
+            cache = Path(cache_dir or cache_root() / "checkpoints")
+            self._io = _StoreFolder(open_store(root, endpoint_url), cache)
         else:
             self.root = Path(root)
             self._io = _Folder(self.root)
@@ -543,20 +528,15 @@ class Checkpointer:
     def committed(self) -> list[Committed]:
         """Ascending committed checkpoints (COMMIT present and well-formed; files are verified by load),
         with their size and time as COMMIT says: one small read per step, no torch."""
-        found = []
-        for step in self._all_steps():
-            commit = self._read_commit(step)
-            if commit is not None:
-                found.append(Committed.of(commit, str(self.step_dir(step))))
-        return found
+        commits = ((step, self._read_commit(step)) for step in self._all_steps())
+        return [Committed.of(c, str(self.step_dir(s))) for s, c in commits if c is not None]
 
     def committed_steps(self) -> list[int]:
         """Ascending steps whose COMMIT marker is present and well-formed (files are verified by load)."""
         return [c.step for c in self.committed()]
 
     def latest(self) -> int | None:
-        steps = self.committed_steps()
-        return steps[-1] if steps else None
+        return max(self.committed_steps(), default=None)
 
     def load(
         self, step: int | None = None, map_location: Any = "cpu", keys: Iterable[str] | None = None
@@ -594,14 +574,13 @@ class Checkpointer:
         for name in [f"{k}.pt" for k in keys] + [META]:
             paths[name] = self._io.local(d, name, files.get(name))  # a store downloads here
             self._verify(paths[name], files.get(name))
-        meta = json.loads(_read_bytes(paths[META]))
+        meta = json.loads(paths[META].read_bytes())
         import torch
 
         # weights_only=True: everything we save is tensors, containers and plain scalars (rng_state()
         # turns numpy's state into a tensor), so no pickled code runs on load.
         load = lambda k: torch.load(paths[f"{k}.pt"], map_location=map_location, weights_only=True, mmap=True)
-        state = {k: load(k) for k in keys}
-        return state, meta
+        return {k: load(k) for k in keys}, meta
 
     @staticmethod
     def _verify(path: Path, expected: dict[str, int] | None) -> None:

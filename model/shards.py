@@ -412,14 +412,12 @@ def prepare_dataset(
         revision=revision,
     )
     it = (t for t in texts if t)
-    done = False
-    while not done and (batch := list(itertools.islice(it, batch_docs))):
-        for doc in tokenizer.encode_batch(batch):
-            writer.add(doc)
-            m = writer.manifest
-            if max_tokens is not None and m.train_tokens + m.val_tokens >= max_tokens:
-                done = True
-                break
+    batches = iter(lambda: list(itertools.islice(it, batch_docs)), [])
+    for doc in itertools.chain.from_iterable(map(tokenizer.encode_batch, batches)):
+        writer.add(doc)
+        m = writer.manifest
+        if max_tokens is not None and m.train_tokens + m.val_tokens >= max_tokens:
+            break
     if writer.manifest.train_tokens == 0:
         raise ValueError(f"dataset {dataset!r} has no text to train on (every document is empty or missing)")
     tokenizer.save(out_dir / TOKENIZER)

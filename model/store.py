@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import re
@@ -81,8 +82,7 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
                 f"invalid bucket name {bucket!r} in {uri!r}: 3-63 characters of a-z, 0-9, '.' and '-', "
                 "starting and ending with a letter or digit"
             )
-        prefix = prefix.rstrip("/")
-        if prefix:
+        if prefix := prefix.rstrip("/"):
             check_key(prefix, f"prefix in {uri!r}")
         return S3Store(bucket, prefix, endpoint_url)
     if uri.startswith("file://"):
@@ -307,15 +307,6 @@ class FileStore(Store):
 # ---------------------------------------------------------------- s3://
 
 
-def default_transfer_config() -> Any:
-    """Multipart above 32 MB in 16 MB parts, 8 parts in flight: saturates a pod's link, bounds memory."""
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(
-        multipart_threshold=32 * MB, multipart_chunksize=16 * MB, max_concurrency=8, use_threads=True
-    )
-
-
 def _arrived_torn(e: BaseException) -> bool:
     """Whether S3 rejected an upload because its body did not arrive whole (boto3 wraps the ClientError of
     a failed upload_file in S3UploadFailedError)."""
@@ -331,7 +322,7 @@ class S3Store(Store):
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, transfer: Any = None):
         self.bucket, self.prefix, self.endpoint_url = bucket, prefix.strip("/"), endpoint_url
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.transfer = transfer  # a boto3 TransferConfig; None = default_transfer_config()
+        self.transfer = transfer  # a boto3 TransferConfig; None = _config()'s default
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -369,8 +360,14 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def _config(self) -> Any:
+        """The transfer config; by default multipart above 32 MB in 16 MB parts, 8 parts in flight:
+        saturates a pod's link, bounds memory."""
         if self.transfer is None:
-            self.transfer = default_transfer_config()
+            from boto3.s3.transfer import TransferConfig
+
+            self.transfer = TransferConfig(
+                multipart_threshold=32 * MB, multipart_chunksize=16 * MB, max_concurrency=8, use_threads=True
+            )
         return self.transfer
 
     def _head(self, key: str) -> dict | None:
@@ -393,11 +390,6 @@ class S3Store(Store):
         """The `sha256` metadata that put_file and put_bytes record (one HEAD)."""
         head = self._head(key)
         return None if head is None else head.get("Metadata", {}).get(SHA_META)
-
-    def _stored(self, key: str) -> tuple[int, str | None] | None:
-        """(size, sha256 metadata) of an object as the store reports it; None when it does not exist."""
-        head = self._head(key)
-        return None if head is None else (head["ContentLength"], head.get("Metadata", {}).get(SHA_META))
 
     def put_file(self, local: Path, key: str, sha256: str | None = None) -> None:
         """Upload (multipart and concurrent above the threshold), then HEAD to check size and sha256;
@@ -438,8 +430,6 @@ class S3Store(Store):
     def put_bytes(self, key: str, data: bytes) -> None:
         """One PUT: S3 makes it visible all at once, so small markers are atomic. Then a HEAD checks that
         it landed whole (size and sha256), as put_file does: a torn COMMIT must not pass for a written one."""
-        import hashlib
-
         digest = hashlib.sha256(data).hexdigest()
         send = lambda: self.client.put_object(  # noqa: E731
             Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={SHA_META: digest}
@@ -460,7 +450,9 @@ class S3Store(Store):
                     if attempt < VERIFY_ATTEMPTS and _arrived_torn(e):
                         continue
                     raise
-            if (got := self._stored(key)) == (size, sha256):
+            head = self._head(key)  # (size, sha256 metadata) as the store reports them; None if missing
+            got = None if head is None else (head["ContentLength"], head.get("Metadata", {}).get(SHA_META))
+            if got == (size, sha256):
                 return
         raise StoreError(
             f"{what} did not verify ({VERIFY_ATTEMPTS} attempts): the store reports (size, sha256) {got}, "
@@ -525,8 +517,6 @@ class S3Store(Store):
         what = self.url(key) if key else self.uri
         try:
             yield
-        except StoreError:
-            raise
         except S3UploadFailedError as e:  # boto3 wraps the ClientError of a failed upload
             cause = e.__context__
             if isinstance(cause, ClientError):
