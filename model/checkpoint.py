@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from model.faults import fault_point
 from model.shards import atomic_write, fsync_dir
-from model.store import Store, StoreError, _os_error, cache_root, open_store
+from model.store import Store, StoreError, cache_root, open_store, os_error_text
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +104,7 @@ def _write_stream(path: Path, fill: Callable[[BinaryIO], Any]) -> dict[str, int]
             path.unlink(missing_ok=True)  # a partial file must not keep a full disk full
         cause = w.error if w is not None and w.error is not None else e
         if isinstance(cause, OSError):
-            raise CheckpointError(f"cannot write {path}: {_os_error(cause)}") from e
+            raise CheckpointError(f"cannot write {path}: {os_error_text(cause)}") from e
         raise
     size = path.stat().st_size
     if size != w.size:

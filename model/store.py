@@ -182,7 +182,7 @@ def _land(tmp: Path, dest: Path, size: int | None, sha256: str | None, source: s
         fsync_dir(dest.parent)
 
 
-def _os_error(e: OSError) -> str:
+def os_error_text(e: OSError) -> str:
     """'No space left on device (ENOSPC)': what a full disk, a quota or a file size limit says."""
     return f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, e.errno)})"
 
@@ -204,7 +204,7 @@ def _tmp_next_to(dest: Path, source: str) -> Iterator[Path]:
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as e:
-        raise StoreError(f"cannot write {dest} (copy of {source}): {_os_error(e)}") from None
+        raise StoreError(f"cannot write {dest} (copy of {source}): {os_error_text(e)}") from None
 
 
 def _is_tmp(name: str) -> bool:
