@@ -41,12 +41,9 @@ def human_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     s = max(0.0, float(seconds))
-    if s < 59.5:
-        return f"{s:.0f}s"
-    if s < 59.5 * 60:
-        return f"{s / 60:.0f}m"
-    if s < 23.5 * 3600:
-        return f"{s / 3600:.0f}h"
+    for unit, size, below in (("s", 1, 59.5), ("m", 60, 59.5), ("h", 3600, 23.5)):
+        if s < below * size:
+            return f"{s / size:.0f}{unit}"
     return f"{s / 86400:.0f}d"
 
 
@@ -89,9 +86,7 @@ def _seconds_per_step(train: list[dict[str, Any]], batch_tokens: int) -> float |
     if rates:
         return statistics.median(rates)
     tps = train[-1].get("tokens_per_s") if train else None
-    if tps and batch_tokens:
-        return batch_tokens / tps
-    return None
+    return batch_tokens / tps if tps and batch_tokens else None
 
 
 def run_summary(path: Path) -> dict[str, Any]:
@@ -114,10 +109,8 @@ def run_summary(path: Path) -> dict[str, Any]:
 
     times = [r["time"] for r in metrics[-1:] if isinstance(r.get("time"), (int, float))]
     last_sign = max([record.updated, _mtime(path / runs.METRICS), _mtime(path / runs.LOG), *times])
-    eta = None
-    if state == "running" and steps:
-        sps = _seconds_per_step(train, batch_tokens)
-        eta = None if sps is None else max(0, steps - step) * sps
+    sps = _seconds_per_step(train, batch_tokens) if state == "running" and steps else None
+    eta = None if sps is None else max(0, steps - step) * sps
 
     return {
         "name": record.name,
@@ -177,15 +170,12 @@ def _cost_text(s: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- status
 
 
-def _state_text(state: str):
+def _state_text(s: dict[str, Any]):
+    """The state column: a dry run never started reads as such, not as a run about to start."""
     from rich.text import Text
 
+    state = "dry-run" if s.get("dry_run") else s["state"]
     return Text(state, style=STATE_STYLE.get(state, ""))
-
-
-def _shown_state(s: dict[str, Any]) -> str:
-    """The state column: a dry run never started reads as such, not as a run about to start."""
-    return "dry-run" if s.get("dry_run") else s["state"]
 
 
 def _num(value: Any, fmt: str = ".3f") -> str:
@@ -210,13 +200,12 @@ def status_table(summaries: list[dict[str, Any]]):
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("name", "mode", "state", "step", "loss", "tok/s", "last ckpt", "age"):
-        numeric = col in ("step", "loss", "tok/s", "last ckpt", "age")
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
+        table.add_column(col, justify="left" if col in ("name", "mode", "state") else "right", no_wrap=True)
     for s in summaries:
         table.add_row(
             s["name"],
             s["mode"],
-            _state_text(_shown_state(s)),
+            _state_text(s),
             _step_of(s),
             _num(s["loss"]),
             _rate(s),
@@ -261,7 +250,7 @@ def status_detail(summary: dict[str, Any]):
     from rich.table import Table
 
     s = summary
-    state = _state_text(_shown_state(s))
+    state = _state_text(s)
     if s["claimed_state"] != s["state"]:
         state.append(f"  (record says {s['claimed_state']}; its driver is gone)", style="dim")
     if s.get("dry_run"):
@@ -361,7 +350,7 @@ def _copy_from(log: Path, offset: int, decoder, out: TextIO) -> int:
     return offset
 
 
-def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+def _log_tail(path: Path) -> list[str]:
     """The last lines of the log, reading only its end (the log may be large)."""
     try:
         with (path / runs.LOG).open("rb") as f:
@@ -370,7 +359,7 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
             data = f.read()
     except OSError:
         return []
-    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+    return data.decode("utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
 
 
 # ---------------------------------------------------------------- attach
@@ -384,8 +373,9 @@ def dashboard(path: Path):
     from rich.table import Table
     from rich.text import Text
 
-    s = run_summary(Path(path))
-    head = Text.assemble((s["name"], "bold"), "  ", _state_text(_shown_state(s)), f"  {s['mode']}")
+    path = Path(path)
+    s = run_summary(path)
+    head = Text.assemble((s["name"], "bold"), "  ", _state_text(s), f"  {s['mode']}")
     if s["launches"] > 1:
         head.append(f"  launch {s['launches']}", style="dim")
 
@@ -418,10 +408,8 @@ def dashboard(path: Path):
         )
     if s["message"]:
         parts.append(Text(s["message"], style=STATE_STYLE.get(s["state"], "")))
-    if backends.of(runs.read_record(Path(path))).shows_log:
-        tail = Text.from_ansi(
-            "\n".join(_log_tail(Path(path))) or "(no log yet)", no_wrap=True, overflow="ellipsis"
-        )
+    if backends.of(runs.read_record(path)).shows_log:
+        tail = Text.from_ansi("\n".join(_log_tail(path)) or "(no log yet)", no_wrap=True, overflow="ellipsis")
         parts.append(Panel(tail, title="logs/driver.log", title_align="left", border_style="dim"))
     return Panel(Group(*parts), title=f"lmctl attach {s['name']}", title_align="left")
 

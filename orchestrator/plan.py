@@ -42,10 +42,6 @@ def gpu_bytes(gpu: Gpu) -> int:
     return int(gpu.memory_gb * GIB)
 
 
-def gpu_memory(spec: RunSpec, strategy: str, world: int, micro_batch: int, gpu: Gpu) -> Memory:
-    return step_memory(spec, strategy, world, micro_batch, gpu_bytes(gpu))
-
-
 # ---------------------------------------------------------------- prices
 
 
@@ -190,8 +186,7 @@ def make_plan(
     if seqs % world:
         raise ConfigError(
             f"the global batch of {seqs} sequences does not split over {world} GPUs ({req.count} per node x "
-            f"--nodes {nodes}); choose "
-            f"train.global_batch_tokens as a multiple of {world * m.seq_len}"
+            f"--nodes {nodes}); choose train.global_batch_tokens as a multiple of {world * m.seq_len}"
         )
     notes: list[str] = []
     memory_bytes = gpu_bytes(gpu)
@@ -212,15 +207,12 @@ def make_plan(
             f"use train.micro_batch_size={micro}"
         )
     shown = micro or min(t.micro_batch_size, seqs // world)
-    memory = {}
-    for s in STRATEGIES:
-        mem = step_memory(spec, s, world, shown, memory_bytes)
+    memory = {s: step_memory(spec, s, world, shown, memory_bytes) for s in STRATEGIES}
+    for s, mem in memory.items():
         mem.max_micro_batch = max_fitting_micro(spec, s, world, memory_bytes)
-        memory[s] = mem
     if not fits:
         notes.append(_no_fit_advice(spec, strategy, world, gpu, memory))
 
-    fpt = flops_per_token(m)
     n = param_count(m)
     tok_s = tokens_per_s(m, gpu.peak_tflops * 1e12 * world, mfu)
     budget = float(tokens) if tokens is not None else tokens_per_param * n
@@ -235,11 +227,10 @@ def make_plan(
     quote = lookup_price(gpu, cloud, spot, nodes=nodes, price=price, prices=prices)
     if quote.note:
         notes.append(quote.note)
-    cost = hours * world * quote.price if quote.price is not None else None
     return Plan(
         model=m.model_dump(mode="json"),
         params=n,
-        flops_per_token=fpt,
+        flops_per_token=flops_per_token(m),
         gpu=gpu.name,
         gpu_memory_gb=gpu.memory_gb,
         peak_tflops=gpu.peak_tflops,
@@ -267,16 +258,14 @@ def make_plan(
         hours=hours,
         price_per_gpu_hour=quote.price,
         price_source=quote.source,
-        cost=cost,
+        cost=hours * world * quote.price if quote.price is not None else None,
         notes=notes,
     )
 
 
 def _no_fit_advice(spec: RunSpec, strategy: str, world: int, gpu: Gpu, memory: dict[str, Memory]) -> str:
     """One line: it does not fit; which strategy would, or which bigger GPUs would."""
-    head = (
-        f"does not fit: {strategy} on {gpu.name} needs more than {usable_bytes(gpu_bytes(gpu)) / GIB:.1f} GiB"
-    )
+    head = f"does not fit: {strategy} on {gpu.name} needs more than {_gib(usable_bytes(gpu_bytes(gpu)))} GiB"
     head += " even at micro-batch 1" if 1 in micro_candidates(spec, world) else ""
     # On one GPU train.py does not shard: fsdp there is ddp's memory, never advise it.
     useful = STRATEGIES if world > 1 else tuple(s for s in STRATEGIES if s.startswith("ddp"))

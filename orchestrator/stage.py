@@ -314,13 +314,8 @@ def open_dataset(source: Source, text_field: str) -> Any:
         ds = datasets.load_dataset(**source.load_args, streaming=True)
         columns = ds.column_names
         if columns is None:  # some streaming builders learn their columns from the first row
-            first = next(iter(ds), None)
-            if first is None:
-                raise StageError(f"dataset {source.dataset} is empty: it has no rows")
-            columns = list(first)
-    except StageError:
-        raise
-    except StopIteration:  # datasets' json builder on a file with no rows
+            columns = list(next(iter(ds)))
+    except StopIteration:  # no first row; also datasets' json builder on a file with no rows
         raise StageError(f"dataset {source.dataset} is empty: it has no rows") from None
     except Exception as e:
         raise StageError(f"cannot read dataset {source.dataset}: {_one_line(e)}") from None
@@ -331,8 +326,7 @@ def open_dataset(source: Source, text_field: str) -> Any:
             f"dataset {source.dataset} has no field {text_field!r}; fields found: "
             f"{', '.join(columns) or 'none'} (pick one with --text-field)"
         )
-    feature = (ds.features or {}).get(text_field)
-    dtype = getattr(feature, "dtype", "string") if feature is not None else "string"
+    dtype = getattr((ds.features or {}).get(text_field), "dtype", "string")
     if dtype not in ("string", "large_string"):
         raise StageError(f"field {text_field!r} of dataset {source.dataset} holds {dtype}, not text")
     return ds.select_columns([text_field])
@@ -456,11 +450,9 @@ class Uploader:
         while True:
             if self.error is not None:
                 raise self.error
-            try:
+            with contextlib.suppress(queue.Full):
                 self._q.put((path, info), timeout=0.2)
                 return
-            except queue.Full:
-                continue
 
     def _run(self) -> None:
         while (item := self._q.get()) is not None:
@@ -548,10 +540,6 @@ def default_work_dir(digest: str) -> Path:
     return cache_root() / "stage" / digest
 
 
-def as_spec(spec: DataConfig | dict[str, Any]) -> DataConfig:
-    return spec if isinstance(spec, DataConfig) else DataConfig.model_validate(dict(spec))
-
-
 def load_given_tokenizer(spec: DataConfig, vocab_size: int | None) -> Tokenizer | None:
     if spec.tokenizer == "train":
         return None
@@ -583,7 +571,7 @@ def stage(
     Raises StageError for bad input and StoreError for store trouble; nothing is committed then.
     """
     t0 = time.perf_counter()
-    spec = as_spec(spec)
+    spec = spec if isinstance(spec, DataConfig) else DataConfig.model_validate(dict(spec))
     given = load_given_tokenizer(spec, vocab_size)
     if given is None:
         vocab_size = DEFAULT_VOCAB if vocab_size is None else vocab_size
@@ -695,7 +683,7 @@ def _reuse(store: Store, prefix: str, digest: str, t0: float) -> StageResult | N
 
 
 @contextlib.contextmanager
-def locked_work_dir(work: Path, on_wait: Callable[[], None] | None = None) -> Iterator[Path]:
+def locked_work_dir(work: Path, on_wait: Callable[[], None]) -> Iterator[Path]:
     """An empty work dir, removed afterwards, held under an exclusive lock so two stagings of one hash
     on a machine cannot clear each other's files: the second waits for the first (on_wait() tells the
     user), then usually finds the dataset committed. The OS drops the lock when a process dies."""
@@ -706,8 +694,7 @@ def locked_work_dir(work: Path, on_wait: Callable[[], None] | None = None) -> It
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if on_wait:
-                on_wait()
+            on_wait()
             fcntl.flock(lock, fcntl.LOCK_EX)
         shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run: rebuilt from the stream
         work.mkdir()
