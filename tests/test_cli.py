@@ -37,6 +37,19 @@ def test_train_rejects_bad_input_and_writes_nothing(tmp_path, capsys, override, 
     assert not run_dir.exists()
 
 
+def test_train_takes_model_trains_flags_and_other_verbs_still_refuse_unknown_ones(capsys):
+    with pytest.raises(SystemExit) as e:  # one flag set, model.train's, under lmctl's name
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: lmctl train") and "--run-config FILE" in out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "tiny", "--run-dir", "x", "--profile", "0"])
+    assert e.value.code == 2 and "whole number of steps >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["status", "--run-dir", "x"])
+    assert e.value.code == 2 and "unrecognized arguments: --run-dir" in capsys.readouterr().err
+
+
 def test_unknown_preset_is_one_line(tmp_path, capsys):
     assert main(["train", "--config", "7b", "--run-dir", str(tmp_path / "r")]) == 2
     assert "unknown preset '7b'" in capsys.readouterr().err
