@@ -98,9 +98,10 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
     if "://" in uri:
         raise StoreError(f"unsupported store URI {uri!r}: use {URI_FORMS}")
     try:
-        return FileStore(Path(uri).expanduser().resolve())
+        path = Path(uri).expanduser().resolve()
     except RuntimeError as e:  # '~name' of no such user, a symlink loop
         raise StoreError(f"invalid store path {uri!r}: {e}; use {URI_FORMS}") from None
+    return open_store(f"file://{path}")  # held to its file:// URI's rules: that URI is printed and reopened
 
 
 class Store:

@@ -177,6 +177,8 @@ def test_open_store_forms(tmp_path, monkeypatch):
         ("s3://bucket/a//b", "relative name"),
         ("file://relative/dir", "absolute path"),
         ("file:///data/../etc", "relative name"),
+        ("\x08", "control characters"),  # a plain folder: its file:// URI is printed and reopened
+        ("runs/a\x1bb", "control characters"),
     ],
 )
 def test_bad_uris(uri, match):
