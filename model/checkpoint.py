@@ -228,7 +228,9 @@ class _StoreFolder:
         except StoreError:
             if not self.store.exists(f"{d}/{name}"):
                 raise FileNotFoundError(self.store.url(f"{d}/{name}")) from None
-            raise  # the store is unreachable: stop, rather than silently fall back to an older step
+        # There now: written since the GET (a COMMIT landing while a reader lists), or the store failed. Once
+        # more; a store that fails again stops the reader rather than let it fall back to an older step.
+        return self.store.get_bytes(f"{d}/{name}")
 
     def local(self, d: str, name: str, expected: Any) -> Path:
         path = self.cache / d / name

@@ -114,3 +114,25 @@ def test_store_fault_points_fire(store_root, tmp_path, monkeypatch):
     c = make(store_root, tmp_path)
     c.save(1, {"a": {"x": torch.ones(2)}, "b": {"y": torch.ones(2)}}, {})
     assert hits == ["checkpoint.after_file", "checkpoint.before_commit"]
+
+
+def test_a_commit_landing_between_a_readers_get_and_head_is_read_not_an_error(store_root, tmp_path):
+    """A reader lists a step whose COMMIT is not there yet (404), and the writer's COMMIT lands before the
+    reader asks whether it exists: the step is committed, not an error (it crashed a cloud run's status)."""
+    c = make(store_root, tmp_path)
+    c.save(3, {"model": {"w": torch.zeros(2)}}, {"step": 3})
+    store = c._io.store
+    key = f"step_{3:09d}/{COMMIT}"
+    commit = store.get_bytes(key)
+    store.delete(key)
+    get = store.get_bytes
+
+    def get_then_commit_lands(k: str) -> bytes:
+        try:
+            return get(k)
+        finally:
+            if k == key and not store.exists(k):
+                store.put_bytes(k, commit)
+
+    store.get_bytes = get_then_commit_lands
+    assert c.committed_steps() == [3] and c.latest() == 3
