@@ -4,9 +4,10 @@ Both the control plane (staging) and the workers (shard fetch, checkpoints) impo
 imports nothing heavy (no torch), and boto3 only when an S3 store is first used.
 
 Keys are "/"-separated names relative to the store's root (`datasets/<hash>/manifest.json`). Every
-transfer is verified before it counts: uploads by size and sha256 (kept as the object's `sha256`
-metadata on S3), downloads by size and sha256 into a temporary file that is renamed into place only
-once it verifies, so a partial or corrupt download never sits at its destination. Retries,
+transfer is verified before it counts: uploads by what the server computed (size and ETag, else the
+bytes read back) against the local file, with its sha256 kept as the object's `sha256` metadata;
+downloads by size and sha256 into a temporary file that is renamed into place only once it verifies, so
+a partial or corrupt download never sits at its destination. Retries,
 multipart and concurrency are botocore's and s3transfer's; this module only configures them.
 
 S3 endpoints other than AWS (R2, MinIO, B2, RunPod) come from `endpoint_url` or the standard
@@ -308,6 +309,39 @@ class FileStore(Store):
 # ---------------------------------------------------------------- s3://
 
 
+def _digests(path: Path, size: int, part_size: int | None) -> tuple[str, str]:
+    """(sha256, S3 ETag) of a file in one pass: the ETag is the MD5 of a single PUT's body, or for a
+    multipart upload the MD5 of its parts' MD5s, "-<parts>"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    md5 = lambda data: hashlib.md5(data, usedforsecurity=False).digest()  # noqa: E731
+    sha, parts, block = hashlib.sha256(), [], part_size or max(size, 1)
+    # Both hashes release the GIL: the parts' MD5s run beside the SHA-256, three parts in memory at most
+    with open(path, "rb") as f, ThreadPoolExecutor(2) as pool:
+        while (part := f.read(block)) or not parts:
+            parts.append(pool.submit(md5, part))
+            sha.update(part)
+            if len(parts) > 2:
+                parts[-3].result()
+            if not part:
+                break
+    digests = [p.result() for p in parts]
+    if part_size is None:
+        return sha.hexdigest(), digests[0].hex()
+    return sha.hexdigest(), f"{md5(b''.join(digests)).hex()}-{len(parts)}"
+
+
+class _HashSink:
+    """A write-only file for download_fileobj that keeps only the sha256 of what it is sent."""
+
+    def __init__(self):
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return len(data)
+
+
 def _arrived_torn(e: BaseException) -> bool:
     """Whether S3 rejected an upload because its body did not arrive whole (boto3 wraps the ClientError of
     a failed upload_file in S3UploadFailedError)."""
@@ -336,6 +370,10 @@ class S3Store(Store):
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
             max_pool_connections=32,  # several files at once, each with max_concurrency parts in flight
+            # botocore >= 1.36 sends CRC32 trailers (aws-chunked) on every upload and checks them on
+            # downloads; R2, B2 and older MinIO refuse those. Ours are verified end to end (_landed_whole).
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         try:
             return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
@@ -401,7 +439,7 @@ class S3Store(Store):
         """
         local = Path(local)
         size = _local_size(local)
-        actual = file_sha256(local)
+        actual, etag = _digests(local, size, self._part_size(size))
         if sha256 is not None and actual != sha256:
             raise StoreError(
                 f"local file {local} has sha256 {actual[:12]}..., expected {sha256[:12]}...: it changed "
@@ -414,7 +452,8 @@ class S3Store(Store):
             ExtraArgs={"Metadata": {SHA_META: actual}},
             Config=self._config(),
         )
-        self._send_verified(key, send, size, actual, "upload to", f"upload of {local} to {self.url(key)}")
+        what = f"upload of {local} to {self.url(key)}"
+        self._send_verified(key, send, size, actual, etag, "upload to", what)
 
     def get_file(self, key: str, local: Path, sha256: str | None = None) -> None:
         """Download to a tmp file next to `local`; verify size and sha256 (given, else metadata); rename."""
@@ -431,17 +470,26 @@ class S3Store(Store):
     def put_bytes(self, key: str, data: bytes) -> None:
         """One PUT: S3 makes it visible all at once, so small markers are atomic. Then a HEAD checks that
         it landed whole (size and sha256), as put_file does: a torn COMMIT must not pass for a written one."""
-        digest = hashlib.sha256(data).hexdigest()
+        digest, etag = hashlib.sha256(data).hexdigest(), hashlib.md5(data, usedforsecurity=False).hexdigest()
         send = lambda: self.client.put_object(  # noqa: E731
             Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={SHA_META: digest}
         )
-        self._send_verified(key, send, len(data), digest, "PUT of", f"PUT of {self.url(key)}")
+        self._send_verified(key, send, len(data), digest, etag, "PUT of", f"PUT of {self.url(key)}")
+
+    def _part_size(self, size: int) -> int | None:
+        """The part size upload_file will cut `size` bytes into (as s3transfer adjusts it); None: one PUT."""
+        from s3transfer.utils import ChunksizeAdjuster
+
+        config = self._config()
+        if size < config.multipart_threshold:
+            return None
+        return ChunksizeAdjuster().adjust_chunksize(config.multipart_chunksize, size)
 
     def _send_verified(
-        self, key: str, send: Callable[[], Any], size: int, sha256: str, action: str, what: str
+        self, key: str, send: Callable[[], Any], size: int, sha256: str, etag: str, action: str, what: str
     ) -> None:
-        """send() the object, then HEAD it: the store must report this size and sha256. A body that
-        arrived torn (S3 refused it, or it landed short) is sent again, VERIFY_ATTEMPTS in all."""
+        """send() the object, then check that it landed whole (_landed_whole). A body that arrived torn
+        (S3 refused it, or it landed short or altered) is sent again, VERIFY_ATTEMPTS in all."""
         got = None
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
             with self._errors(action, key):
@@ -451,14 +499,27 @@ class S3Store(Store):
                     if attempt < VERIFY_ATTEMPTS and _arrived_torn(e):
                         continue
                     raise
-            head = self._head(key)  # (size, sha256 metadata) as the store reports them; None if missing
-            got = None if head is None else (head["ContentLength"], head.get("Metadata", {}).get(SHA_META))
-            if got == (size, sha256):
+            head = self._head(key)
+            got = None if head is None else (head["ContentLength"], head.get("ETag", "").strip('"'))
+            if head is not None and self._landed_whole(key, head, size, sha256, etag):
                 return
         raise StoreError(
-            f"{what} did not verify ({VERIFY_ATTEMPTS} attempts): the store reports (size, sha256) {got}, "
-            f"expected {(size, sha256)}"
+            f"{what} did not verify ({VERIFY_ATTEMPTS} attempts): the store reports (size, ETag) {got}, "
+            f"expected {(size, etag)} and sha256 {sha256}"
         )
+
+    def _landed_whole(self, key: str, head: dict, size: int, sha256: str, etag: str) -> bool:
+        """Whether the stored object is the one sent, by what the server computed, not only by the metadata
+        we sent along: its ETag (the MD5 of the body, or of its parts' MD5s) where the service computes it
+        so; else (SSE-KMS, a service with other ETags) its bytes, read back and hashed."""
+        if head["ContentLength"] != size or head.get("Metadata", {}).get(SHA_META) != sha256:
+            return False
+        if head.get("ETag", "").strip('"') == etag:
+            return True
+        digest = _HashSink()
+        with self._errors("read-back of", key):
+            self.client.download_fileobj(self.bucket, self._key(key), digest, Config=self._config())
+        return digest.sha256.hexdigest() == sha256
 
     def get_bytes(self, key: str) -> bytes:
         """Through the transfer manager, which retries a body cut mid-stream (a plain GET would not)."""

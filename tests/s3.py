@@ -116,7 +116,7 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connec
 _SLOWDOWN = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>injected</Message></Error>"
 # What a torn PUT must not carry for the server to store it: every checksum of the whole body.
 _CHECKSUMS = {"content-md5", "x-amz-content-sha256", "x-amz-sdk-checksum-algorithm", "x-amz-trailer"}
-KINDS = ("error", "reset", "cut", "slow", "stall", "abort", "torn")
+KINDS = ("error", "reset", "cut", "slow", "stall", "abort", "torn", "flip")
 OUTAGES = ("error", "reset", "down")
 
 
@@ -137,6 +137,9 @@ class FaultProxy:
     - `torn_rate` (PUT with a body): forwards only the first half of the body, with a matching
       Content-Length and no checksum headers, and relays the server's 200: a silently torn object
       that only the client's own verification (size/sha256 after upload) can catch.
+    - `flip_rate` (PUT with a body): forwards the whole body with one byte changed, no checksum headers,
+      and relays the server's 200: the size and the sha256 metadata the client sent are right, the
+      object is not; only what the server computed from the bytes (its ETag) or a read-back tells.
 
     `then(kind, ...)` scripts the fates of the next requests. `outage(kind, after)` fails every request
     after the next `after` with 503s ("error"), resets ("reset"), or by going down ("down": the
@@ -156,6 +159,7 @@ class FaultProxy:
         stall_rate=0.0,
         abort_rate=0.0,
         torn_rate=0.0,
+        flip_rate=0.0,
         slow_s: tuple[float, float] = (0.2, 1.0),
         stall_s: float = 5.0,
     ):
@@ -168,6 +172,7 @@ class FaultProxy:
             "stall": stall_rate,
             "abort": abort_rate,
             "torn": torn_rate,
+            "flip": flip_rate,
         }
         assert sum(self.rates.values()) <= 1.0, self.rates
         self.slow_s, self.stall_s = slow_s, stall_s
@@ -275,7 +280,7 @@ def _applies(kind: str, method: str, body: int) -> bool:
         return method == "GET"
     if kind == "abort":
         return method in ("PUT", "POST") and (body > 1 or body < 0)
-    if kind == "torn":
+    if kind in ("torn", "flip"):
         return method == "PUT" and body > 1
     return True
 
@@ -342,8 +347,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(_SLOWDOWN)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
-        if fault == "torn":
-            body = body[: len(body) // 2]
+        if fault in ("torn", "flip"):
+            half = len(body) // 2
+            body = (
+                body[:half]
+                if fault == "torn"
+                else body[:half] + bytes([body[half] ^ 0xFF]) + body[half + 1 :]
+            )
             headers = {k: v for k, v in headers.items() if not _checksum(k)}
             headers["X-Amz-Content-SHA256"] = "UNSIGNED-PAYLOAD"
         up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
