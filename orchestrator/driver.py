@@ -8,8 +8,9 @@ Same code path locally and in the cloud. The workers resume from the run's newes
 in the store by themselves, so a worker restarted by Ray's FailureConfig, a driver restarted by
 `lmctl resume` and a pod recovered by SkyPilot all take one path.
 
-On a pod the run directory is rebuilt from the store (config.yaml, metrics.jsonl so far): a pod that
-SkyPilot recovered after a preemption is a new machine that knows only the run's name and store.
+On a pod the run directory is rebuilt from the store (config.yaml here; rank 0 of the workers fetches
+metrics.jsonl so far on whichever node it lands): a pod that SkyPilot recovered after a preemption is a new
+machine that knows only the run's name and store, and nodes share no disk.
 
 Stopping: a runs.StopRequest in the store asks every worker to checkpoint and stop at the end of the step
 it is in; `lmctl stop` asks, and so does SIGTERM or Ctrl-C to the driver.
@@ -97,11 +98,7 @@ def pod_run_dir(name: str, store: str, workers: int) -> Path:
     """On a cloud head node: runs/<name>/ rebuilt from the store, which is all a recovered pod has."""
     path = runs.runs_root() / runs.check_name(name)
     (path / "logs").mkdir(parents=True, exist_ok=True)
-    bucket = open_store(store)
-    bucket.get_file(runs.store_key(name, runs.CONFIG), path / runs.CONFIG)
-    metrics = path / runs.METRICS
-    if not metrics.exists() and bucket.exists(runs.store_key(name, runs.METRICS)):
-        bucket.get_file(runs.store_key(name, runs.METRICS), metrics)  # the loop cuts it back to its step
+    open_store(store).get_file(runs.store_key(name, runs.CONFIG), path / runs.CONFIG)  # metrics: rank 0's
     spec = load_spec(path / runs.CONFIG)
     if (path / runs.RUN_RECORD).exists():
         runs.update_record(path, workers=workers)  # a rerun on the same node
@@ -121,7 +118,8 @@ def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: b
         train_loop_per_worker=train_worker,
         train_loop_config={
             "spec": spec,  # the validated spec itself (Ray pickles it), not a dict to validate again
-            "run_dir": str(path),
+            "run_dir": str(path),  # a local run's; on a pod every node has its own (runs_root()/name)
+            "name": record.name,
             "checkpoints": record.checkpoints,
             "device": "cuda" if use_gpu else "cpu",
             "store": record.store,  # where rank 0 looks for STOP (runs.StopRequest)

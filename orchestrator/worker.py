@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runs import LOG, METRICS, StopRequest, say, store_key
+from orchestrator.runs import LOG, METRICS, StopRequest, runs_root, say, store_key
 
 METRICS_PUSH_S = 30.0  # a cloud run's metrics.jsonl reaches the store at most this stale (and at each eval)
 
@@ -29,16 +29,20 @@ def train_worker(cfg: dict[str, Any]) -> None:
     os.umask(0o077)  # on a pod, Ray (started by the task's script) did not get it from our driver
 
     quiet_report_lines()
-    path = Path(cfg["run_dir"])
-    (path / "logs").mkdir(parents=True, exist_ok=True)  # on a pod, rank 0 may be on another node
-    rank = ray.train.get_context().get_world_rank()
     on_pod = cfg["pod"]
+    # Nodes share no disk: on a pod each node's run folder is its own (runs_root(), as the task script sets
+    # it on every node), never the head's path, which need not exist here.
+    path = runs_root() / cfg["name"] if on_pod else Path(cfg["run_dir"])
+    (path / "logs").mkdir(parents=True, exist_ok=True)
+    rank = ray.train.get_context().get_world_rank()
     if not on_pod:  # locally the workers write the run's log; on a pod Ray forwards it to SkyPilot's log
         _log_to(path / (LOG if rank == 0 else f"logs/worker-{rank}.log"))
     (path / "logs" / f"worker-{rank}.pid").write_text(str(os.getpid()))
     if rank == 0:
         say(f"{ray.train.get_context().get_world_size()} workers started")
     mirror = StoreMirror(cfg["store"], path.name, path / METRICS) if on_pod and rank == 0 else None
+    if mirror:
+        mirror.pull()  # rank 0 may land on any node, after a recovery on a new one: the history comes along
     stop = StopRequest(cfg["store"], path.name) if rank == 0 else None  # train() tells the other ranks
 
     def should_stop() -> bool:
@@ -98,6 +102,13 @@ class StoreMirror:
         self.store, self.name, self.metrics = open_store(store), name, metrics
         self.every_s = float(os.environ.get("LMCTL_STORE_POLL_S") or METRICS_PUSH_S)  # tests: faster
         self._pushed = float("-inf")
+
+    def pull(self) -> None:
+        """The run's metrics.jsonl history from the store, where this node has none: the loop then cuts it
+        back to the step it resumes from and appends, so one history survives whichever node rank 0 is on."""
+        key = store_key(self.name, METRICS)
+        if not self.metrics.exists() and self.store.exists(key):
+            self.store.get_file(key, self.metrics)
 
     def push_metrics(self, now: bool = False) -> None:
         if (now or time.monotonic() - self._pushed >= self.every_s) and self.metrics.exists():

@@ -106,3 +106,23 @@ def test_starting_a_local_run_answers_an_earlier_stop(runs_dir, monkeypatch):
     record = backends.LocalBackend().start(path)
     assert started and record.launches == 1 and record.state == "staging"
     assert not runs.StopRequest(store, "again").asked()
+
+
+def test_rank_0_on_a_node_without_the_history_pulls_it_from_the_store(tmp_path):
+    """Nodes share no disk and rank 0 may land on any of them (after a recovery, on a new one): it takes the
+    run's metrics.jsonl from the store, so the loop cuts it back and appends instead of starting a fresh
+    file that its next push would write over the history."""
+    from orchestrator.worker import StoreMirror
+
+    store, head, other = f"file://{tmp_path}/store", tmp_path / "head", tmp_path / "other"
+    head.mkdir(), other.mkdir()
+    (head / runs.METRICS).write_text('{"step": 5}\n{"step": 10}\n')
+    StoreMirror(store, "r", head / runs.METRICS).push_metrics(now=True)
+    mirror = StoreMirror(store, "r", other / runs.METRICS)
+    mirror.pull()
+    assert (other / runs.METRICS).read_text() == '{"step": 5}\n{"step": 10}\n'
+    (other / runs.METRICS).write_text('{"step": 5}\n{"step": 10}\n{"step": 15}\n')  # this node's, newer
+    mirror.pull()
+    assert (other / runs.METRICS).read_text().count("\n") == 3
+    StoreMirror(store, "new", tmp_path / "fresh.jsonl").pull()  # nothing in the store yet: nothing to pull
+    assert not (tmp_path / "fresh.jsonl").exists()

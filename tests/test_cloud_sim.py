@@ -121,9 +121,10 @@ def test_a_cloud_run_trains_into_the_bucket_and_survives_a_preemption(
     )
 
     metrics = bucket_metrics(s3_bucket, name)
-    steps = [r["step"] for r in metrics if "loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 120  # one history: nothing redone is logged twice
-    assert [r["step"] for r in metrics if "val_loss" in r][-3:] == [80, 100, 120]
+    # One history, exactly a never-preempted run's, whichever node rank 0 was on before and after the
+    # recovery (each node has its own disk): nothing lost, nothing redone logged twice.
+    assert [r["step"] for r in metrics if "loss" in r] == list(range(5, 121, 5))
+    assert [r["step"] for r in metrics if "val_loss" in r] == list(range(20, 121, 20))
 
 
 def test_pods_rented_with_gpus_that_ray_cannot_see_fail_instead_of_training_on_cpus(
