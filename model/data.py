@@ -5,6 +5,9 @@ shifted by one); sequence i of a shard starts at token i * seq_len, so consecuti
 one token and none crosses a shard boundary. Global sample g = step * B + j is sequence
 permutation(seed, epoch)[g % n] with epoch = g // n: every epoch visits each sequence exactly
 once, resuming needs only the step, and every world size sees the same global batches.
+
+A Mixture draws global samples from several staged datasets in fixed proportions, at batch time (each
+dataset is staged once and reused by any mixture); the same rules hold for it.
 """
 
 from __future__ import annotations
@@ -97,12 +100,28 @@ class TokenDataset:
             )
         return out
 
+    def samples(self, seed: int | tuple[int, ...], g: np.ndarray) -> np.ndarray:
+        """Tokens [len(g), seq_len + 1] of global samples g (see sample_ids)."""
+        return self.sequences(sample_ids(seed, g, self.n_sequences))
 
-@lru_cache(maxsize=2)  # a batch spans at most two epochs unless it is larger than the data
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
+
+@lru_cache(maxsize=8)  # a batch spans at most two epochs of each source unless it is larger than the data
+def _permutation(key: tuple[int, ...], epoch: int, n: int) -> np.ndarray:
+    perm = np.random.default_rng([*key, epoch]).permutation(n)
     perm.flags.writeable = False
     return perm
+
+
+def sample_ids(seed: int | tuple[int, ...], g: np.ndarray, n_sequences: int) -> np.ndarray:
+    """Sequence ids of global samples g: permutation(seed, g // n)[g % n], so every epoch visits each
+    sequence once. `seed` may be a tuple (a mixture's source k uses (seed, k + 1))."""
+    key = seed if isinstance(seed, tuple) else (seed,)
+    epochs, pos = np.divmod(g, n_sequences)
+    ids = np.empty_like(g)
+    for epoch in np.unique(epochs):
+        mask = epochs == epoch
+        ids[mask] = _permutation(key, int(epoch), n_sequences)[pos[mask]]
+    return ids
 
 
 def global_batch_ids(seed: int, step: int, global_batch_seqs: int, n_sequences: int) -> np.ndarray:
@@ -113,13 +132,90 @@ def global_batch_ids(seed: int, step: int, global_batch_seqs: int, n_sequences: 
         raise ValueError(
             f"global_batch_seqs ({global_batch_seqs}) and n_sequences ({n_sequences}) must be positive"
         )
-    g = step * global_batch_seqs + np.arange(global_batch_seqs, dtype=np.int64)
-    epochs, pos = np.divmod(g, n_sequences)
-    ids = np.empty_like(g)
-    for epoch in np.unique(epochs):
-        mask = epochs == epoch
-        ids[mask] = _permutation(seed, int(epoch), n_sequences)[pos[mask]]
-    return ids
+    return sample_ids(
+        seed, step * global_batch_seqs + np.arange(global_batch_seqs, dtype=np.int64), n_sequences
+    )
+
+
+MIX_BLOCK = 1024  # global samples per block of a mixture: its composition is fixed, its order shuffled
+
+
+class Mixture:
+    """Several datasets (one split each, one tokenizer) drawn in fixed proportions at batch time.
+
+    Global samples come in blocks of MIX_BLOCK: a block holds counts[k] samples of source k (the weights
+    apportioned by largest remainder, the same for every block) in an order shuffled by (seed, block). So
+    sample g's source, and its index h among that source's samples (block * counts[k] + its rank in the
+    block), are pure functions of (seed, g): any world size sees the same batches, and each source visits
+    its own sequences epoch by epoch, as a lone dataset does (sample_ids with seed (seed, k + 1)).
+    """
+
+    def __init__(self, sources: list[TokenDataset], weights: list[float], names: list[str] | None = None):
+        if not sources or len(sources) != len(weights):
+            raise ValueError(f"a mixture needs one weight per source: {len(sources)} sources, {len(weights)}")
+        if not all(np.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"mixture weights must be positive numbers, got {weights}")
+        shas = {s.manifest.tokenizer_sha256 for s in sources}
+        if len(shas) > 1:
+            raise DataError(
+                "the datasets of a mixture were staged with different tokenizers; stage them "
+                "with one (--tokenizer tokenizer.json of the first)"
+            )
+        share = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.counts = _apportion(share, MIX_BLOCK)
+        if not self.counts.all():
+            small = [f"{w:g}" for w, c in zip(weights, self.counts, strict=True) if not c]
+            raise ValueError(f"mixture weight(s) {', '.join(small)} below 1/{MIX_BLOCK} of the total")
+        self.sources, self.names = sources, names or [str(s.data_dir) for s in sources]
+        self.share = self.counts / MIX_BLOCK  # the proportions drawn, as the weights round
+        self.seq_len, self.manifest = sources[0].seq_len, sources[0].manifest
+        self.n_sequences = sum(s.n_sequences for s in sources)
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a handful of blocks per step, and the mixture lives as long as the run
+    def _block(self, seed: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, rank among that source's samples in the block) of each slot of `block`."""
+        source = np.random.default_rng([seed, block, MIX_BLOCK]).permutation(
+            np.repeat(np.arange(len(self.counts)), self.counts)
+        )
+        rank = np.empty(MIX_BLOCK, dtype=np.int64)
+        for k in range(len(self.counts)):
+            rank[source == k] = np.arange(self.counts[k])
+        return source, rank
+
+    def locate(self, seed: int, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source k, sample index h within source k) of each global sample g."""
+        blocks, pos = np.divmod(g, MIX_BLOCK)
+        source, h = np.empty_like(g), np.empty_like(g)
+        for b in np.unique(blocks):
+            mask = blocks == b
+            src, rank = self._block(seed, int(b))
+            source[mask] = src[pos[mask]]
+            h[mask] = int(b) * self.counts[source[mask]] + rank[pos[mask]]
+        return source, h
+
+    def samples(self, seed: int, g: np.ndarray) -> np.ndarray:
+        source, h = self.locate(seed, g)
+        out = np.empty((len(g), self.seq_len + 1), dtype=np.int64)
+        for k, ds in enumerate(self.sources):
+            mask = source == k
+            if mask.any():
+                out[mask] = ds.samples((seed, k + 1), h[mask])
+        return out
+
+    def samples_by_source(self, seed: int, n: int) -> list[int]:
+        """How many of the first n global samples each source gave (its tokens: x seq_len)."""
+        full, rest = divmod(n, MIX_BLOCK)
+        partial = np.bincount(self._block(seed, full)[0][:rest], minlength=len(self.counts)) if rest else 0
+        return [int(c) for c in full * self.counts + partial]
+
+
+def _apportion(share: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to `total` in proportion to `share` (largest remainder; ties to the first)."""
+    exact = share * total
+    counts = np.floor(exact).astype(np.int64)
+    for k in np.argsort(-(exact - counts), kind="stable")[: total - int(counts.sum())]:
+        counts[k] += 1
+    return counts
 
 
 def _to_batch(tokens: np.ndarray, device: str | torch.device) -> Batch:
@@ -136,7 +232,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        dataset: TokenDataset,
+        dataset: TokenDataset | Mixture,
         global_batch_seqs: int,
         micro_batch_size: int,
         rank: int = 0,
@@ -161,15 +257,17 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.grad_accum = global_batch_seqs // (world_size * micro_batch_size)
 
-    def rank_ids(self, step: int) -> np.ndarray:
-        """This rank's contiguous slice of the global batch ids."""
-        ids = global_batch_ids(self.seed, step, self.global_batch_seqs, self.dataset.n_sequences)
+    def rank_samples(self, step: int) -> np.ndarray:
+        """This rank's contiguous slice of the global samples of `step`."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
         per_rank = self.global_batch_seqs // self.world_size
-        return ids[self.rank * per_rank : (self.rank + 1) * per_rank]
+        first = step * self.global_batch_seqs + self.rank * per_rank
+        return np.arange(first, first + per_rank, dtype=np.int64)
 
     def micro_batches(self, step: int) -> list[Batch]:
         """grad_accum (x, y) pairs of LongTensor [micro_batch_size, seq_len], in order."""
-        tokens = self.dataset.sequences(self.rank_ids(step))
+        tokens = self.dataset.samples(self.seed, self.rank_samples(step))
         mbs = self.micro_batch_size
         return [_to_batch(tokens[k * mbs : (k + 1) * mbs], self.device) for k in range(self.grad_accum)]
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import BatchLoader, TokenDataset, eval_batches, global_batch_ids
+from model.data import BatchLoader, Mixture, TokenDataset, eval_batches, global_batch_ids
+from model.errors import DataError
 from model.shards import Manifest, write_manifest, write_shard
 
 SEQ = 8
@@ -179,3 +180,92 @@ def test_batches_land_on_the_gpu(synthetic):
     gpu = BatchLoader(ds, 8, 4, seed=2, device="cuda").micro_batches(1)
     for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
         assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def staged(path, first_token: int, n_tokens: int, tokenizer: str = "0" * 64):
+    """A staged dataset of one train shard whose token values are first_token + position."""
+    path.mkdir()
+    info = write_shard(path / "train_000000.bin", np.arange(first_token, first_token + n_tokens), "uint16")
+    val = write_shard(path / "val_000000.bin", np.arange(first_token, first_token + 20), "uint16")
+    manifest = Manifest(
+        dataset=path.name,
+        tokenizer_sha256=tokenizer,
+        vocab_size=40000,
+        eot_id=0,
+        dtype="uint16",
+        shard_tokens=n_tokens,
+        val_fraction=0.1,
+        train=[info],
+        val=[val],
+        train_tokens=n_tokens,
+        val_tokens=20,
+    )
+    write_manifest(path, manifest)
+    return TokenDataset(path, "train", SEQ)
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    """Source 0 has token values below 10000, source 1 at 20000 and above: a row tells its source."""
+    return [staged(tmp_path / "a", 0, 8001), staged(tmp_path / "b", 20000, 4001)]
+
+
+def source_of(rows: torch.Tensor) -> np.ndarray:
+    return (rows[:, 0] >= 20000).long().numpy()
+
+
+def test_a_mixture_gives_every_world_size_the_same_batches_in_the_weights_proportions(two_sources):
+    mix = Mixture(two_sources, [0.7, 0.3])
+    assert mix.counts.tolist() == [717, 307] and mix.share.sum() == 1.0
+    batch, steps = 64, 48  # 3072 samples: three whole blocks
+    one = BatchLoader(mix, batch, 8, 0, 1, seed=3)
+    two = [BatchLoader(mix, batch, 4, r, 2, seed=3) for r in range(2)]
+    drawn = []
+    for step in range(steps):
+        x1, _ = _stack(one.micro_batches(step))
+        x2 = torch.cat([_stack(loader.micro_batches(step))[0] for loader in two])
+        assert torch.equal(x1, x2), step
+        drawn.append(source_of(x1))
+    drawn = np.concatenate(drawn)
+    assert np.bincount(drawn).tolist() == [3 * 717, 3 * 307] == mix.samples_by_source(3, batch * steps)
+    assert mix.samples_by_source(3, 100) == np.bincount(drawn[:100], minlength=2).tolist()  # a partial block
+    first = drawn[:64]
+    assert 0.5 < first.mean() / 0.3 < 1.5  # mixed within a batch, not block by block
+
+
+def test_each_source_of_a_mixture_visits_its_sequences_epoch_by_epoch(two_sources):
+    """Source 1 (500 sequences) wraps within the first 2 blocks: its first 500 samples are each of its
+    sequences once, as a lone dataset's first epoch is; and resuming at any step gives the same batch."""
+    mix = Mixture(two_sources, [0.5, 0.5])
+    loader = BatchLoader(mix, 32, 32, seed=1)
+    rows = torch.cat([_stack(loader.micro_batches(s))[0] for s in range(64)])
+    of_b = rows[source_of(rows) == 1][:500, 0].numpy()
+    assert sorted(of_b.tolist()) == [20000 + SEQ * i for i in range(500)]
+    fresh = BatchLoader(Mixture(two_sources, [0.5, 0.5]), 32, 32, seed=1)
+    assert torch.equal(_stack(fresh.micro_batches(40))[0], rows[40 * 32 : 41 * 32])
+    other_seed = BatchLoader(mix, 32, 32, seed=2)
+    assert not torch.equal(_stack(other_seed.micro_batches(0))[0], rows[:32])
+
+
+def test_a_lone_dataset_draws_the_batches_it_always_did(synthetic):
+    """The mixture code path leaves a single dataset's batches as they were: permutation(seed, epoch)."""
+    ds = TokenDataset(synthetic, "train", SEQ)
+    loader = BatchLoader(ds, 6, 3, seed=5)
+    for step in range(5):
+        expected = torch.from_numpy(ds.sequences(global_batch_ids(5, step, 6, ds.n_sequences)))
+        assert torch.equal(_stack(loader.micro_batches(step))[0], expected[:, :-1])
+
+
+def test_mixtures_refuse_what_cannot_be_mixed(tmp_path, two_sources):
+    other = staged(tmp_path / "c", 30000, 801, tokenizer="1" * 64)
+    with pytest.raises(DataError, match="different tokenizers"):
+        Mixture([two_sources[0], other], [1, 1])
+    with pytest.raises(ValueError, match="below 1/1024"):
+        Mixture(two_sources, [1.0, 0.0001])
+    with pytest.raises(ValueError, match="positive"):
+        Mixture(two_sources, [1.0, -1.0])
+    with pytest.raises(ValueError, match="one weight per source"):
+        Mixture(two_sources, [1.0])
