@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -113,8 +113,20 @@ class TrainConfig(_Strict):
         return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
+class SourceConfig(_Strict):
+    """One dataset of a mixture: staged as data.dataset would be (data's other fields apply), drawn in
+    proportion to its weight; `path` is its staged copy."""
+
+    dataset: str = Field(min_length=1, description="hub id, file or folder")
+    weight: float = Field(1.0, gt=0, description="relative share of the samples (normalised over sources)")
+    subset: str | None = Field(None, min_length=1, description="hub config name (default: data.subset)")
+    path: str | None = Field(None, description="staged dataset (folder or URI with manifest.json)")
+
+
 class DataConfig(_Strict):
-    """Where training text comes from and how it is split; `path` is the staged copy."""
+    """Where training text comes from and how it is split; `path` is the staged copy. With a `mixture`,
+    its sources are staged one by one with one tokenizer (the first source's) and drawn at batch time;
+    `dataset` is then unused and `path` is the first source's staged copy."""
 
     dataset: str = Field(str(DEFAULT_CORPUS), min_length=1, description="hub id, file or folder")
     subset: str | None = Field(None, min_length=1, description="hub config name, e.g. sample-10BT")
@@ -126,6 +138,16 @@ class DataConfig(_Strict):
     shard_tokens: int = Field(1 << 24, gt=1024, le=1 << 32)
     max_tokens: int | None = Field(None, gt=0)
     path: str | None = Field(None, description="staged dataset (folder or URI with manifest.json)")
+    mixture: list[SourceConfig] = Field(
+        [], description="two or more datasets drawn by weight (model/data.py)"
+    )
+
+    @field_validator("mixture")
+    @classmethod
+    def _two_or_more(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        if len(value) == 1:
+            raise ValueError("a mixture needs two or more datasets; give one as data.dataset")
+        return value
 
     @field_validator("dataset", "subset", "split", "revision", "text_field", "tokenizer")
     @classmethod
@@ -243,10 +265,12 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 
 def all_keys(model: type[BaseModel] = RunSpec, prefix: str = "") -> list[str]:
-    """Every dotted key an override may set."""
+    """Every dotted key an override may set (data.mixture, a list, is set by --dataset or a config file)."""
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
+        if get_origin(ann) is list:
+            continue
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += all_keys(ann, f"{prefix}{name}.")
         else:
@@ -261,6 +285,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, _, value = text.partition("=")
     key = key.strip()
     known = all_keys()
+    if key == "data.mixture":
+        raise ConfigError(
+            "data.mixture is a list: give --dataset NAME:WEIGHT twice or more, or set it in a YAML config"
+        )
     if key not in known:
         hint = did_you_mean(key, known) or f"known keys: {', '.join(known)}"
         raise ConfigError(f"unknown override key {key!r}; {hint}")

@@ -273,7 +273,7 @@ class BatchLoader:
 
 
 def eval_batches(
-    dataset: TokenDataset,
+    dataset: TokenDataset | Mixture,
     n_batches: int,
     micro_batch_size: int,
     rank: int = 0,
@@ -298,6 +298,9 @@ def eval_batches(
             f"sequences does not split evenly over world_size ({world_size})"
         )
     per_rank = total // world_size
-    ids = np.arange(rank * per_rank, (rank + 1) * per_rank) % dataset.n_sequences
-    tokens = dataset.sequences(ids)
+    ids = np.arange(rank * per_rank, (rank + 1) * per_rank)
+    # a mixture's held-out set: its first samples (seed 0), so every source is evaluated by its weight
+    tokens = (
+        dataset.samples(0, ids) if isinstance(dataset, Mixture) else dataset.sequences(ids % len(dataset))
+    )
     return [_to_batch(tokens[k : k + micro_batch_size], device) for k in range(0, per_rank, micro_batch_size)]

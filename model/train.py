@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from model.checkpoint import CheckpointError
 from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resolve
-from model.data import BatchLoader, eval_batches
+from model.data import BatchLoader, Mixture, TokenDataset, eval_batches
 from model.decoder import Decoder
 from model.faults import fault_point
 from model.hardware import peak_flops
@@ -234,8 +234,7 @@ def train(
     )
 
     # Data first: a wrong data.path fails here, before anything is written.
-    staged = fetch_dataset(spec.data.path, data_cache_dir())  # a store URI is cached on this machine once
-    train_data, val_data = staged.dataset("train", m.seq_len), staged.dataset("val", m.seq_len)
+    train_data, val_data = open_data(spec, m.seq_len)
     if train_data.manifest.vocab_size > m.vocab_size:
         raise ConfigError(
             f"the staged tokenizer has {train_data.manifest.vocab_size} tokens but model.vocab_size is "
@@ -312,6 +311,11 @@ def train(
                     "tokens_per_s": tok_s,
                     "mfu": tok_s * fpt / (peak * d.world_size) if peak else None,
                 }
+                if isinstance(train_data, Mixture):  # what each source has given so far
+                    drawn = train_data.samples_by_source(t.seed, step * spec.global_batch_seqs)
+                    rec["tokens_by_source"] = {
+                        n: k * m.seq_len for n, k in zip(train_data.names, drawn, strict=True)
+                    }
                 last_loss = loss_val
                 log(rec)
             paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
@@ -368,6 +372,20 @@ def train_step(model: nn.Module, raw: Decoder, opt, sched, micro_batches, autoca
 def _grad_norm(model: nn.Module) -> torch.Tensor:
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
+
+
+def open_data(spec: RunSpec, seq_len: int) -> tuple[TokenDataset | Mixture, TokenDataset | Mixture]:
+    """(train, val) of the staged dataset, or of every source of data.mixture, drawn by weight."""
+    d = spec.data
+    if not d.mixture:
+        staged = fetch_dataset(d.path, data_cache_dir())  # a store URI is cached on this machine once
+        return staged.dataset("train", seq_len), staged.dataset("val", seq_len)
+    if unstaged := [s.dataset for s in d.mixture if not s.path]:
+        raise ConfigError(f"mixture source(s) {', '.join(unstaged)} not staged: lmctl launch stages them")
+    sets = [fetch_dataset(s.path, data_cache_dir()) for s in d.mixture]
+    weights, names = [s.weight for s in d.mixture], [s.dataset for s in d.mixture]
+    train_data, val_data = ([s.dataset(split, seq_len) for s in sets] for split in ("train", "val"))
+    return Mixture(train_data, weights, names), Mixture(val_data, weights, names)
 
 
 def prepare_local_data(spec: RunSpec, run_dir: Path) -> RunSpec:

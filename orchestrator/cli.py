@@ -303,12 +303,13 @@ def _ask_to_spend(args: argparse.Namespace, verb: str):
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from orchestrator.launch import dataset_override, launch, resolve_spec
+    from orchestrator.launch import dataset_flags, launch, resolve_spec
 
-    overrides = [*args.override, *([dataset_override(args.dataset)] if args.dataset is not None else [])]
+    from_datasets, mixture = dataset_flags(args.dataset) if args.dataset else ([], None)
+    overrides = [*args.override, *from_datasets]
     overrides += [f"{k}={getattr(args, f)}" for f, k in SOURCE_FLAGS.items() if getattr(args, f) is not None]
     if args.print_config:
-        print(resolve_spec(args.config, overrides, args.wandb).to_yaml(), end="")
+        print(resolve_spec(args.config, overrides, args.wandb, mixture).to_yaml(), end="")
         return 0
     launched = launch(
         args.config,
@@ -324,6 +325,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         show_plan=None if args.json else _print_plan,
         max_cost=args.max_cost,
         confirm=_ask_to_spend(args, "launch"),
+        mixture=mixture,
     )
     name, path, record = launched.name, launched.path, launched.record
     if args.json:
@@ -753,9 +755,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dataset",
+        action="append",
+        metavar="DATASET[:WEIGHT]",
         help="hub id (org/name) or local file/folder to stage and train on (data.dataset), or a staged "
         "dataset: a folder with manifest.json or its store URI (data.path); a jsonl/json/parquet row is one "
-        "document, a .txt file is one document",
+        "document, a .txt file is one document. Twice or more: a mixture drawn by weight at batch time "
+        "(data.mixture), e.g. --dataset HuggingFaceFW/fineweb-edu:0.7 --dataset bigcode/the-stack-smol:0.3; "
+        "each is staged once, with the first one's tokenizer",
     )
     _add_source_flags(p.add_argument_group("staging (when --dataset is raw data)"))
     p.add_argument("--name", help="run name (default: <preset>-<date>-<time>-<random>)")
@@ -970,7 +976,8 @@ def _run_verb(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for dest, value in vars(args).items():  # argparse (3.11) turns `--flag=--` into [] instead of refusing
-        if (value == [] and dest != "override") or (dest == "override" and [] in value):
+        appended = dest in ("override", "dataset")  # action="append": a list of values
+        if (value == [] and not appended) or (appended and isinstance(value, list) and [] in value):
             parser.error(f"argument --{dest.replace('_', '-')}: expected one argument")
     if not getattr(args, "func", None):
         parser.print_help()

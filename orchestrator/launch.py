@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import ConfigError, RunSpec, load_spec, resolve
+from model.config import ConfigError, RunSpec, load_spec, resolve, validate
 from model.hardware import DEFAULT_MFU
 from orchestrator import backends, runs
 from orchestrator.render import render_task, write_atomically
@@ -59,9 +59,45 @@ class Launched:
     spec: RunSpec
 
 
-def resolve_spec(preset: str, overrides: list[str], wandb: bool = False) -> RunSpec:
-    """Preset + overrides (+ --wandb) -> one validated spec."""
-    return resolve(preset, [*overrides, *(["wandb.enabled=true"] if wandb else [])])
+def resolve_spec(
+    preset: str, overrides: list[str], wandb: bool = False, mixture: list[dict] | None = None
+) -> RunSpec:
+    """Preset + overrides (+ --wandb, + the sources of a mixture) -> one validated spec."""
+    spec = resolve(preset, [*overrides, *(["wandb.enabled=true"] if wandb else [])])
+    if not mixture:
+        return spec
+    return validate({**spec.model_dump(), "data": {**spec.data.model_dump(), "mixture": mixture}})
+
+
+def dataset_flags(datasets: list[str]) -> tuple[list[str], list[dict] | None]:
+    """`--dataset NAME[:WEIGHT]`, given once or more: (overrides, mixture sources). Once, it is data.dataset
+    or data.path (dataset_override); twice or more, the sources of data.mixture, weight 1 where none is
+    given. A staged dataset (store URI, folder with manifest.json) is a source that is not staged again."""
+    parsed = []
+    for text in datasets:
+        name, _, tail = text.rpartition(":")
+        try:
+            weight = float(tail) if name else None
+        except ValueError:
+            if len(datasets) > 1 and "://" not in tail and "/" not in tail:
+                raise ConfigError(
+                    f"--dataset {text}: the weight after ':' must be a number, e.g. {name}:0.3"
+                ) from None
+            weight = None
+        parsed.append((name, weight) if weight is not None else (text, None))
+    if len(parsed) == 1:
+        if parsed[0][1] is not None:
+            raise ConfigError(
+                f"--dataset {datasets[0]}: a weight mixes datasets; give --dataset twice or more"
+            )
+        return [dataset_override(datasets[0])], None
+    sources = []
+    for name, weight in parsed:
+        staged = dataset_override(name).startswith("data.path=")
+        sources.append(
+            {"dataset": name, "weight": 1.0 if weight is None else weight, "path": name if staged else None}
+        )
+    return [], sources
 
 
 def dataset_override(dataset: str) -> str:
@@ -185,6 +221,11 @@ def _check_inputs(spec: RunSpec, workers: int, store: str) -> None:
             check_local_dataset(spec.data)
         except StageError as e:
             raise ConfigError(str(e)) from None
+    for src in spec.data.mixture:
+        if not src.path and looks_local(src.dataset) and not _present(src.dataset):
+            raise ConfigError(
+                f"--dataset {src.dataset!r}: no such file or folder (give a local path or org/name)"
+            )
     if not spec.data.path and spec.data.tokenizer != "train" and not _present(spec.data.tokenizer, file=True):
         raise ConfigError(
             f"data.tokenizer {spec.data.tokenizer!r}: no such file (give a tokenizer.json path, or 'train')"
@@ -214,6 +255,7 @@ def launch(
     show_plan=None,
     max_cost: float | None = None,
     confirm=None,
+    mixture: list[dict] | None = None,
 ) -> Launched:
     """Render runs/<name>/ and (unless dry_run) start it: its driver detached (local) or its SkyPilot job
     (cloud, when `hardware` is given). Raises ConfigError, writing nothing, for any bad input.
@@ -226,7 +268,7 @@ def launch(
             if hardware
             else "a cloud run needs --gpu, e.g. --gpu RTX5090 (lmctl plan shows what fits where)"
         )
-    spec = resolve_spec(preset, overrides or [], wandb)
+    spec = resolve_spec(preset, overrides or [], wandb, mixture)
     root = runs.runs_root(root)
     name = runs.check_name(name) if name is not None else runs.generate_name(preset)
     path = root / name

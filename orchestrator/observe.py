@@ -126,6 +126,7 @@ def run_summary(path: Path) -> dict[str, Any]:
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "val_step": evals[-1]["step"] if evals else None,
         "tokens_per_s": last.get("tokens_per_s"),
+        "tokens_by_source": last.get("tokens_by_source"),  # a mixture's sources: tokens drawn from each
         "mfu": last.get("mfu"),
         "tokens": last["tokens"] if last.get("step") == step and "tokens" in last else step * batch_tokens,
         "global_batch_tokens": batch_tokens,
@@ -267,6 +268,7 @@ def status_detail(summary: dict[str, Any]):
         ("val loss", val),
         ("lr", _num(s["lr"], ".2e")),
         ("tokens", human(s["tokens"] or 0)),
+        *[(f"  from {name}", human(n)) for name, n in (s["tokens_by_source"] or {}).items()],  # a mixture
         ("tok/s", _rate(s)),
         ("mfu", mfu),
         ("eta", human_duration(s["eta_s"])),

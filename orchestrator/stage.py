@@ -721,6 +721,8 @@ def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) ->
     from orchestrator import runs
     from orchestrator.sanity import warn_epochs
 
+    if spec.data.mixture:
+        return _stage_mixture(spec, record, path, progress)
     if spec.data.path:
         warn_epochs(spec, staged_manifest(spec.data.path))  # and still there?
         return spec
@@ -730,5 +732,37 @@ def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) ->
     runs.say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
     warn_epochs(spec, result.manifest)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
+    spec.write(path)
+    return spec
+
+
+def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool) -> Any:
+    """Each source of data.mixture staged once (reused by any mixture that names it), the first with
+    data.tokenizer and the others with the first's tokenizer, so one vocabulary covers them all; config.yaml
+    then names every staged copy, and data.path the first's (its tokenizer is the run's)."""
+    from model.staged import data_cache_dir, fetch_tokenizer, staged_manifest
+    from orchestrator import runs
+
+    d, tokenizer, sources = spec.data, spec.data.tokenizer, []
+    for src in d.mixture:
+        if src.path is None:
+            runs.say(f"staging {src.dataset} (mixture weight {src.weight:g}) to {record.store}")
+            one = d.model_copy(
+                update={"dataset": src.dataset, "subset": src.subset or d.subset, "mixture": []}
+            )
+            result = stage(
+                one.model_copy(update={"tokenizer": tokenizer}),
+                record.store,
+                vocab_size=spec.model.vocab_size,
+                progress=progress,
+            )
+            done = "reused" if result.reused else "staged"
+            runs.say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
+            src = src.model_copy(update={"path": result.dataset_uri})
+        staged_manifest(src.path)  # and still there?
+        sources.append(src)
+        tokenizer = str(fetch_tokenizer(sources[0].path, data_cache_dir()))
+    data = d.model_copy(update={"mixture": sources, "path": sources[0].path})
+    spec = spec.model_copy(update={"data": data})
     spec.write(path)
     return spec
