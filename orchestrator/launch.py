@@ -174,11 +174,13 @@ def check_spending(plan, max_cost: float | None, confirm=None) -> None:
 
 def _stage_what_it_trains_on(spec: RunSpec) -> RunSpec:
     """A hub dataset is staged up to the tokens the run trains on (plus the held-out share), not whole:
-    fineweb-edu has over a trillion tokens. data.max_tokens set by hand wins."""
+    fineweb-edu has over a trillion tokens. data.max_tokens set by hand wins. It caps each source of a
+    mixture too: no source gives more than the whole run trains on."""
     from orchestrator.stage import looks_local
 
     d = spec.data
-    if d.path or d.max_tokens or looks_local(d.dataset):
+    sources = d.mixture or [d]
+    if d.max_tokens or all(s.path or looks_local(s.dataset) for s in sources):
         return spec
     needed = math.ceil(spec.train.steps * spec.train.global_batch_tokens / (1 - d.val_fraction))
     data = d.model_copy(update={"max_tokens": needed})

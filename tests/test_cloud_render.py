@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.config import load_spec, resolve
+from model.config import DEFAULT_CORPUS, load_spec, resolve
 from orchestrator import runs
 from orchestrator.cli import main
 from orchestrator.gpus import parse_gpu
@@ -511,7 +511,7 @@ def test_a_hub_dataset_is_staged_up_to_what_the_run_trains_on(tmp_path, monkeypa
     monkeypatch.setenv("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
     from model.config import load_spec
 
-    def staged_tokens(name: str, *overrides: str) -> int | None:
+    def staged_tokens(name: str, *overrides: str, mixture=None) -> int | None:
         launch(
             "1b",
             list(overrides),
@@ -520,6 +520,7 @@ def test_a_hub_dataset_is_staged_up_to_what_the_run_trains_on(tmp_path, monkeypa
             root=tmp_path,
             dry_run=True,
             hardware=Hardware("RTX5090"),
+            mixture=mixture,
         )
         return load_spec(tmp_path / name / "config.yaml").data.max_tokens
 
@@ -529,3 +530,8 @@ def test_a_hub_dataset_is_staged_up_to_what_the_run_trains_on(tmp_path, monkeypa
         staged_tokens("capped", "data.dataset=HuggingFaceFW/fineweb-edu", "data.max_tokens=1000000") == 10**6
     )
     assert staged_tokens("local") is None  # a local file is staged whole (the shipped corpus)
+    corpus = str(DEFAULT_CORPUS)
+    hub_and_local = [{"dataset": "HuggingFaceFW/fineweb-edu", "weight": 0.7}, {"dataset": corpus}]
+    assert staged_tokens("mix", mixture=hub_and_local) == 27_594_105_264  # no source gives more than the run
+    local_only = [{"dataset": corpus}, {"dataset": corpus, "weight": 2}]
+    assert staged_tokens("mix-local", mixture=local_only) is None
