@@ -254,8 +254,11 @@ def test_a_lone_dataset_draws_the_batches_it_always_did(synthetic):
     """The mixture code path leaves a single dataset's batches as they were: permutation(seed, epoch)."""
     ds = TokenDataset(synthetic, "train", SEQ)
     loader = BatchLoader(ds, 6, 3, seed=5)
-    for step in range(5):
-        expected = torch.from_numpy(ds.sequences(global_batch_ids(5, step, 6, ds.n_sequences)))
+    for step in range(5):  # 6 samples a step over 16 sequences: epochs 0 to 1, as numpy draws them
+        g = np.arange(step * 6, step * 6 + 6)
+        epochs, pos = np.divmod(g, ds.n_sequences)
+        ids = [np.random.default_rng([5, e]).permutation(16)[p] for e, p in zip(epochs, pos, strict=True)]
+        expected = torch.from_numpy(ds.sequences(np.array(ids)))
         assert torch.equal(_stack(loader.micro_batches(step))[0], expected[:, :-1])
 
 
