@@ -748,7 +748,7 @@ def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool) -> Any:
         if src.path is None:
             runs.say(f"staging {src.dataset} (mixture weight {src.weight:g}) to {record.store}")
             one = d.model_copy(
-                update={"dataset": src.dataset, "subset": src.subset or d.subset, "mixture": []}
+                update={"dataset": src.dataset, "subset": src.subset or d.subset, "mixture": [], "path": None}
             )
             result = stage(
                 one.model_copy(update={"tokenizer": tokenizer}),
