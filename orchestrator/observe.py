@@ -127,6 +127,7 @@ def run_summary(path: Path) -> dict[str, Any]:
         "val_step": evals[-1]["step"] if evals else None,
         "tokens_per_s": last.get("tokens_per_s"),
         "tokens_by_source": last.get("tokens_by_source"),  # a mixture's sources: tokens drawn from each
+        "staging": _staging(path) if state in runs.ACTIVE else None,  # how far its data's staging is
         "mfu": last.get("mfu"),
         "tokens": last["tokens"] if last.get("step") == step and "tokens" in last else step * batch_tokens,
         "global_batch_tokens": batch_tokens,
@@ -146,6 +147,27 @@ def run_summary(path: Path) -> dict[str, Any]:
         "path": str(path),
         **backends.of(record).facts(record),  # a cloud run: what it rents, what it has cost so far
     }
+
+
+def _staging(path: Path) -> dict[str, Any] | None:
+    """staging.json of a run that is staging its data (stage.StagingReport), None otherwise."""
+    import json
+
+    try:
+        facts = json.loads((path / runs.STAGING).read_text())
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) else None
+
+
+def _staging_text(st: dict[str, Any]) -> str:
+    """'tokenizing ./corpus: 1.2K docs, 3.4M tokens, 820.1K tok/s, 41%, eta 2m'"""
+    done = [f"{human(st.get('documents') or 0)} docs", f"{human(st.get('tokens') or 0)} tokens"]
+    if st.get("tokens_per_s"):
+        done.append(f"{human(st['tokens_per_s'])} tok/s")
+    if st.get("fraction") is not None:
+        done.append(f"{100 * st['fraction']:.0f}%, eta {human_duration(st.get('eta_s'))}")
+    return f"{st.get('phase', 'staging')} {st.get('dataset', '')}: {', '.join(done)}"
 
 
 def checkpoint_list(record: runs.RunRecord) -> list[dict[str, Any]]:
@@ -263,6 +285,7 @@ def status_detail(summary: dict[str, Any]):
         ("state", state),
         ("mode", s["mode"]),
         ("preset", s["preset"]),
+        *([("staging", _staging_text(s["staging"]))] if s["staging"] else []),
         ("step", _step_of(s)),
         ("loss", _num(s["loss"])),
         ("val loss", val),
@@ -400,7 +423,7 @@ def dashboard(path: Path):
         f"active {human_duration(s['age_s'])} ago",
     )
 
-    parts = [head, bar, facts]
+    parts = [head, *([Text(_staging_text(s["staging"]), style="cyan")] if s["staging"] else []), bar, facts]
     if "gpu" in s:
         parts.append(
             Text(

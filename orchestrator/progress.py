@@ -31,13 +31,16 @@ def human(n: float) -> str:
 
 
 class StageProgress:
-    """One task bar plus a status line; `update()` is cheap enough to call once per batch."""
+    """One task bar plus a status line; `update()` is cheap enough to call once per batch. `report(facts)`,
+    when given, hears the same progress as a dict at most every `every_s` (phase, documents, tokens,
+    tokens_per_s, fraction, eta_s), bar or no bar: a detached run's staging is followed through it."""
 
-    def __init__(self, enabled: bool, console: Console | None = None):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, console: Console | None = None, report=None, every_s: float = 1.0):
+        self.enabled, self.report, self.every_s = enabled, report, every_s
         self._progress: Progress | None = None
         self._task = None
         self._start = time.perf_counter()
+        self._phase, self._total, self._reported = "", None, float("-inf")
         if enabled:
             self._progress = Progress(
                 SpinnerColumn(),
@@ -55,15 +58,30 @@ class StageProgress:
 
     def phase(self, description: str, total: float | None = None, stats: str = "") -> None:
         """Start a new bar (e.g. 'training tokenizer', then 'tokenizing'); the previous one stays shown."""
+        self._start, self._phase, self._total = time.perf_counter(), description, total
+        if self.report:
+            self.report({"phase": description, "documents": 0, "tokens": 0})
         if self._progress is None:
             return
-        self._start = time.perf_counter()
         self._task = self._progress.add_task(description, total=total, stats=stats)
 
     def update(self, completed: float, docs: int, tokens: int) -> None:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        if self.report and time.monotonic() - self._reported >= self.every_s:
+            self._reported = time.monotonic()
+            fraction = min(completed / self._total, 1.0) if self._total else None
+            self.report(
+                {
+                    "phase": self._phase,
+                    "documents": docs,
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / elapsed,
+                    "fraction": fraction,
+                    "eta_s": elapsed * (1 - fraction) / fraction if fraction else None,
+                }
+            )
         if self._progress is None or self._task is None:
             return
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
         stats = f"{human(docs)} docs  {human(tokens)} tokens  {human(tokens / elapsed)} tok/s"
         self._progress.update(self._task, completed=completed, stats=stats)
 

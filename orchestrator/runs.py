@@ -34,6 +34,7 @@ CONFIG = "config.yaml"
 TASK = "task.yaml"
 LOG = "logs/driver.log"
 METRICS = "metrics.jsonl"
+STAGING = "staging.json"  # while a run stages its data: how far (stage.StagingReport), for status and attach
 STOP = "STOP"  # its presence in the store asks the workers to checkpoint and stop (StopRequest)
 STOP_POLL_S = 10.0  # a run on a remote store sees a stop request at most this late, + one step
 

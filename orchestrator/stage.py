@@ -565,10 +565,12 @@ def stage(
     batch_chars: int = BATCH_CHARS,
     work_dir: str | Path | None = None,
     progress: bool = False,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> StageResult:
     """Stage `spec` into `<store_uri>/datasets/<hash>/`; a no-op (reused=True) when already committed.
 
     Raises StageError for bad input and StoreError for store trouble; nothing is committed then.
+    progress: draw a bar on stderr; on_progress(facts): hear it as a dict (StageProgress.report).
     """
     t0 = time.perf_counter()
     spec = spec if isinstance(spec, DataConfig) else DataConfig.model_validate(dict(spec))
@@ -612,7 +614,7 @@ def stage(
     with (
         _interruption_says_what_is_kept(kept),
         locked_work_dir(work, on_wait=waiting),
-        contextlib.closing(StageProgress(progress)) as bar,
+        contextlib.closing(StageProgress(progress, report=on_progress)) as bar,
     ):
         if (reused := _reuse(store, prefix, digest, t0)) is not None:
             return reused  # the staging we waited for committed it
@@ -727,7 +729,10 @@ def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) ->
         warn_epochs(spec, staged_manifest(spec.data.path))  # and still there?
         return spec
     runs.say(f"staging {spec.data.dataset} to {record.store}")
-    result = stage(spec.data, record.store, vocab_size=spec.model.vocab_size, progress=progress)
+    with StagingReport(path, spec.data.dataset) as report:
+        result = stage(
+            spec.data, record.store, vocab_size=spec.model.vocab_size, progress=progress, on_progress=report
+        )
     done = "reused" if result.reused else "staged"
     runs.say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
     warn_epochs(spec, result.manifest)
@@ -750,12 +755,14 @@ def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool) -> Any:
             one = d.model_copy(
                 update={"dataset": src.dataset, "subset": src.subset or d.subset, "mixture": [], "path": None}
             )
-            result = stage(
-                one.model_copy(update={"tokenizer": tokenizer}),
-                record.store,
-                vocab_size=spec.model.vocab_size,
-                progress=progress,
-            )
+            with StagingReport(path, src.dataset) as report:
+                result = stage(
+                    one.model_copy(update={"tokenizer": tokenizer}),
+                    record.store,
+                    vocab_size=spec.model.vocab_size,
+                    progress=progress,
+                    on_progress=report,
+                )
             done = "reused" if result.reused else "staged"
             runs.say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
             src = src.model_copy(update={"path": result.dataset_uri})
@@ -766,3 +773,37 @@ def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool) -> Any:
     spec = spec.model_copy(update={"data": data})
     spec.write(path)
     return spec
+
+
+class StagingReport:
+    """on_progress of a run's staging: runs/<name>/staging.json, replaced whole (what `status` and `attach`
+    show while the run stages), and a line in the run's log every SAY_EVERY_S (what `logs` shows). The file
+    goes when the staging ends, however it ends."""
+
+    SAY_EVERY_S = 30.0
+
+    def __init__(self, path: Path, dataset: str):
+        from orchestrator import runs
+
+        self.file, self.dataset, self._said = path / runs.STAGING, dataset, time.monotonic()
+
+    def __call__(self, facts: dict[str, Any]) -> None:
+        from orchestrator.progress import human
+        from orchestrator.runs import say
+
+        tmp = self.file.with_name(f".{self.file.name}.tmp")
+        tmp.write_text(json.dumps({"dataset": self.dataset, **facts, "time": time.time()}))
+        tmp.replace(self.file)
+        if facts.get("tokens") and time.monotonic() - self._said >= self.SAY_EVERY_S:
+            self._said = time.monotonic()
+            eta = f", eta {facts['eta_s']:.0f} s" if facts.get("eta_s") is not None else ""
+            say(
+                f"{facts['phase']} {self.dataset}: {human(facts['documents'])} documents, "
+                f"{human(facts['tokens'])} tokens, {human(facts['tokens_per_s'])} tokens/s{eta}"
+            )
+
+    def __enter__(self) -> StagingReport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.unlink(missing_ok=True)

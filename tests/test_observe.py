@@ -324,3 +324,34 @@ def test_status_imports_nothing_heavy():
         [__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_a_run_staging_its_data_shows_how_far_in_status_attach_and_its_log(tmp_path, spawn, capsys):
+    """The driver stages a detached run's data: stage() reports through StagingReport into staging.json,
+    which status and attach show while the run is active, and a line reaches the run's log; the file goes
+    when the staging ends."""
+    from model.config import DEFAULT_CORPUS, DataConfig
+    from orchestrator.stage import StagingReport, stage
+
+    path = make_run(tmp_path, "stg", state="staging", driver=driver_of(spawn("sleep", "30")), metrics=[])
+    seen: list[dict] = []
+    with StagingReport(path, "configs/data/shakespeare.jsonl") as report:
+        report.SAY_EVERY_S = 0.0
+
+        def hear(facts: dict) -> None:
+            report(facts)
+            seen.append(observe.run_summary(path)["staging"])
+
+        data = DataConfig(dataset=str(DEFAULT_CORPUS))
+        stage(data, f"file://{tmp_path}/store", vocab_size=300, work_dir=tmp_path / "work", on_progress=hear)
+        assert (path / runs.STAGING).exists()
+    assert not (path / runs.STAGING).exists() and observe.run_summary(path)["staging"] is None
+    assert [s["phase"] for s in seen][:2] == ["training tokenizer", "tokenizing"]
+    last = seen[-1]
+    assert last["phase"] == "tokenizing" and last["tokens"] > 0 and last["documents"] > 0
+    assert 0 < last["fraction"] <= 1 and last["tokens_per_s"] > 0 and last["eta_s"] >= 0
+    (path / runs.STAGING).write_text(json.dumps(last))  # as it stood mid-staging
+    detail, dash = render(observe.status_detail(observe.run_summary(path))), render(observe.dashboard(path))
+    for text in (detail, dash):
+        assert "tokenizing configs/data/shakespeare.jsonl" in text and "tok/s" in text and "eta" in text
+    assert "tokenizing configs/data/shakespeare.jsonl:" in capsys.readouterr().out  # the log's line
