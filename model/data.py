@@ -169,7 +169,6 @@ class Mixture:
         self.sources, self.names = sources, names or [str(s.data_dir) for s in sources]
         self.share = self.counts / MIX_BLOCK  # the proportions drawn, as the weights round
         self.seq_len, self.manifest = sources[0].seq_len, sources[0].manifest
-        self.n_sequences = sum(s.n_sequences for s in sources)
 
     @lru_cache(maxsize=4)  # noqa: B019 - a handful of blocks per step, and the mixture lives as long as the run
     def _block(self, seed: int, block: int) -> tuple[np.ndarray, np.ndarray]:

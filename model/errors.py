@@ -46,3 +46,12 @@ def make_parent_folder(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the folder {path.parent}: {e.strerror or e}") from None
+
+
+def positive_int(text: str, what: str = "steps") -> int:
+    """argparse type of a whole count >= 1 (ASCII digits: int() would also read "٨"); one line otherwise."""
+    import argparse
+
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {what} >= 1")
+    return int(text)

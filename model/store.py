@@ -318,13 +318,12 @@ def _digests(path: Path, size: int, part_size: int | None) -> tuple[str, str]:
     sha, parts, block = hashlib.sha256(), [], part_size or max(size, 1)
     # Both hashes release the GIL: the parts' MD5s run beside the SHA-256, three parts in memory at most
     with open(path, "rb") as f, ThreadPoolExecutor(2) as pool:
-        while (part := f.read(block)) or not parts:
+        for _ in range(max(1, -(-size // block))):  # an empty file is one empty PUT
+            part = f.read(block)
             parts.append(pool.submit(md5, part))
             sha.update(part)
             if len(parts) > 2:
                 parts[-3].result()
-            if not part:
-                break
     digests = [p.result() for p in parts]
     if part_size is None:
         return sha.hexdigest(), digests[0].hex()
@@ -431,8 +430,9 @@ class S3Store(Store):
         return None if head is None else head.get("Metadata", {}).get(SHA_META)
 
     def put_file(self, local: Path, key: str, sha256: str | None = None) -> None:
-        """Upload (multipart and concurrent above the threshold), then HEAD to check size and sha256;
-        an upload that lands torn is sent again (VERIFY_ATTEMPTS in all), then it is an error.
+        """Upload (multipart and concurrent above the threshold), then check it landed whole (_landed_whole:
+        size and ETag, else a read-back); an upload that lands torn or altered is sent again (VERIFY_ATTEMPTS
+        in all), then it is an error.
 
         The local file is hashed first, so a file that changed since the caller hashed it is caught
         here instead of being recorded under a wrong checksum.
@@ -469,7 +469,7 @@ class S3Store(Store):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """One PUT: S3 makes it visible all at once, so small markers are atomic. Then a HEAD checks that
-        it landed whole (size and sha256), as put_file does: a torn COMMIT must not pass for a written one."""
+        it landed whole (size and ETag), as put_file does: a torn COMMIT must not pass for a written one."""
         digest, etag = hashlib.sha256(data).hexdigest(), hashlib.md5(data, usedforsecurity=False).hexdigest()
         send = lambda: self.client.put_object(  # noqa: E731
             Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={SHA_META: digest}

@@ -30,6 +30,7 @@ from model.checkpoint import CheckpointError
 from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resolve
 from model.data import BatchLoader, Mixture, TokenDataset, eval_batches
 from model.decoder import Decoder
+from model.errors import positive_int
 from model.faults import fault_point
 from model.hardware import peak_flops
 from model.memory import choose
@@ -404,12 +405,6 @@ def prepare_local_data(spec: RunSpec, run_dir: Path) -> RunSpec:
     return spec.model_copy(update={"data": spec.data.model_copy(update={"path": str(out)})})
 
 
-def _steps(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and int(text) >= 1):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps >= 1")
-    return int(text)
-
-
 def main(argv: list[str] | None = None, prog: str = "python -m model.train") -> int:
     """Train in this process; also `lmctl train`, which hands its arguments here unparsed."""
     what = "Train in this process (no Ray), resuming from the newest committed checkpoint in the run dir."
@@ -423,7 +418,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m model.train") -> 
     ap.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this step")
     ap.add_argument(
         "--profile",
-        type=_steps,
+        type=positive_int,
         default=0,
         metavar="N",
         help="profile N steps (after 2 warm-up steps) into <run-dir>/profile, then stop: trace.json "

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from model.errors import did_you_mean
+from model.errors import did_you_mean, positive_int
 from model.hardware import DEFAULT_MFU
 
 EPILOG = """examples:
@@ -102,14 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(args.train_args, prog="lmctl train")
 
 
-def _positive(text: str, what: str = "steps") -> int:
-    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {what} >= 1")
-    return int(text)
-
-
 def _tokens(text: str) -> int:
-    return _positive(text, "tokens")
+    return positive_int(text, "tokens")
 
 
 def _finite(text: str, ok, allowed: str) -> float:
@@ -843,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="stay attached: print the log until the end")
     p.add_argument(
         "--steps",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="train a stopped or finished run on to N steps in all: the WSD decay moves to the new end, the "
         "batches are those of a run planned for N (cosine runs are refused: their whole curve depends on N)",

@@ -91,22 +91,27 @@ def dataset_flags(datasets: list[str]) -> tuple[list[str], list[dict] | None]:
                 f"--dataset {datasets[0]}: a weight mixes datasets; give --dataset twice or more"
             )
         return [dataset_override(datasets[0])], None
-    sources = []
-    for name, weight in parsed:
-        staged = dataset_override(name).startswith("data.path=")
-        sources.append(
-            {"dataset": name, "weight": 1.0 if weight is None else weight, "path": name if staged else None}
-        )
-    return [], sources
+    return [], [
+        {
+            "dataset": name,
+            "weight": 1.0 if weight is None else weight,
+            "path": name if is_staged(name) else None,
+        }
+        for name, weight in parsed
+    ]
 
 
 def dataset_override(dataset: str) -> str:
-    """`--dataset X` as an override: a staged dataset (a store URI, or a folder holding manifest.json) is
-    trained on as it is (data.path); anything else is raw data to stage (data.dataset)."""
+    """`--dataset X` as an override: a staged dataset is trained on as it is (data.path); anything else is
+    raw data to stage (data.dataset)."""
+    return f"data.path={dataset}" if is_staged(dataset) else f"data.dataset={dataset}"
+
+
+def is_staged(dataset: str) -> bool:
+    """A store URI, or a folder holding manifest.json: a dataset already staged."""
     from model.shards import MANIFEST
 
-    staged = "://" in dataset or (_present(dataset) and _present(str(Path(dataset) / MANIFEST), file=True))
-    return f"data.path={dataset}" if staged else f"data.dataset={dataset}"
+    return "://" in dataset or (_present(dataset) and _present(str(Path(dataset) / MANIFEST), file=True))
 
 
 def plan_cloud(spec: RunSpec, hw: Hardware, store: str, steps_left: int | None = None) -> CloudPlan:

@@ -720,7 +720,6 @@ def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) ->
     (data.path). Warns when the run will see that data more than once. Called by the driver (local runs)
     and by the cloud launch, which stages before renting GPUs; they record data.path in run.json."""
     from model.staged import staged_manifest
-    from orchestrator import runs
     from orchestrator.sanity import warn_epochs
 
     if spec.data.mixture:
@@ -728,13 +727,7 @@ def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) ->
     if spec.data.path:
         warn_epochs(spec, staged_manifest(spec.data.path))  # and still there?
         return spec
-    runs.say(f"staging {spec.data.dataset} to {record.store}")
-    with StagingReport(path, spec.data.dataset) as report:
-        result = stage(
-            spec.data, record.store, vocab_size=spec.model.vocab_size, progress=progress, on_progress=report
-        )
-    done = "reused" if result.reused else "staged"
-    runs.say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
+    result = _stage_said(spec.data, spec, record, path, progress)
     warn_epochs(spec, result.manifest)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
     spec.write(path)
@@ -746,33 +739,36 @@ def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool) -> Any:
     data.tokenizer and the others with the first's tokenizer, so one vocabulary covers them all; config.yaml
     then names every staged copy, and data.path the first's (its tokenizer is the run's)."""
     from model.staged import data_cache_dir, fetch_tokenizer, staged_manifest
-    from orchestrator import runs
 
     d, tokenizer, sources = spec.data, spec.data.tokenizer, []
     for src in d.mixture:
         if src.path is None:
-            runs.say(f"staging {src.dataset} (mixture weight {src.weight:g}) to {record.store}")
-            one = d.model_copy(
-                update={"dataset": src.dataset, "subset": src.subset or d.subset, "mixture": [], "path": None}
-            )
-            with StagingReport(path, src.dataset) as report:
-                result = stage(
-                    one.model_copy(update={"tokenizer": tokenizer}),
-                    record.store,
-                    vocab_size=spec.model.vocab_size,
-                    progress=progress,
-                    on_progress=report,
-                )
-            done = "reused" if result.reused else "staged"
-            runs.say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
-            src = src.model_copy(update={"path": result.dataset_uri})
-        staged_manifest(src.path)  # and still there?
+            one = {"dataset": src.dataset, "subset": src.subset or d.subset, "tokenizer": tokenizer}
+            one = d.model_copy(update={**one, "mixture": [], "path": None})
+            src = src.model_copy(update={"path": _stage_said(one, spec, record, path, progress).dataset_uri})
+        else:
+            staged_manifest(src.path)  # and still there?
         sources.append(src)
-        tokenizer = str(fetch_tokenizer(sources[0].path, data_cache_dir()))
+        if len(sources) == 1:  # the others are staged with the first one's tokenizer
+            tokenizer = str(fetch_tokenizer(src.path, data_cache_dir()))
     data = d.model_copy(update={"mixture": sources, "path": sources[0].path})
     spec = spec.model_copy(update={"data": data})
     spec.write(path)
     return spec
+
+
+def _stage_said(data: DataConfig, spec: Any, record: Any, path: Path, progress: bool) -> StageResult:
+    """stage() of one dataset of a run, said in the run's log and reported in staging.json as it goes."""
+    from orchestrator.runs import say
+
+    say(f"staging {data.dataset} to {record.store}")
+    with StagingReport(path, data.dataset) as report:
+        result = stage(
+            data, record.store, vocab_size=spec.model.vocab_size, progress=progress, on_progress=report
+        )
+    done = "reused" if result.reused else "staged"
+    say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
+    return result
 
 
 class StagingReport:
