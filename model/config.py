@@ -7,7 +7,6 @@ This module imports no torch, so the CLI can resolve and print configs instantly
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal, get_origin
 
@@ -210,9 +209,9 @@ class RunSpec(_Strict):
 
     def write(self, run_dir: str | Path) -> None:
         """The one writer of a run's config.yaml, by a rename: a crash leaves the old file or the new one."""
-        tmp = Path(run_dir) / ".config.yaml.tmp"
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, tmp.with_name("config.yaml"))
+        from model.shards import atomic_write  # a unique temporary name: every rank of a torchrun writes it
+
+        atomic_write(Path(run_dir) / "config.yaml", [self.to_yaml().encode()])
 
 
 # ---------------------------------------------------------------- presets and overrides

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from model.config import ConfigError, RunSpec, load_spec, resolve, validate
 from model.hardware import DEFAULT_MFU
+from model.shards import atomic_write
 from orchestrator import backends, runs
-from orchestrator.render import render_task, write_atomically
+from orchestrator.render import render_task
 from orchestrator.sanity import warn_before_launch
 
 DISK_GB = 128  # per node: data cache, checkpoint staging, the venv; SkyPilot's default (256) is billed
@@ -406,9 +407,9 @@ def replan(path: Path, record, spec: RunSpec, done: int, hardware, show_plan, ma
     if not hardware:
         return spec
     _set_hardware(record, hw, cloud_plan)
-    write_atomically(
+    atomic_write(
         path / runs.TASK,
-        render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes),
+        [render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes).encode()],
     )
     fields = ("gpu", "nodes", "cloud", "spot", "managed", "disk_size", "image", "workers", "price_per_hour")
     runs.update_record(path, **{k: getattr(record, k) for k in fields})

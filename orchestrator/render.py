@@ -52,10 +52,3 @@ def render_task(
 
 def _indent(block: str) -> str:
     return "\n".join(f"  {line}" for line in block.splitlines())
-
-
-def write_atomically(file: Path, text: str) -> None:
-    """Replace `file` with `text` by a rename: a crash leaves the old file or the new one, never half."""
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
