@@ -119,6 +119,7 @@ class SourceConfig(_Strict):
     dataset: str = Field(min_length=1, description="hub id, file or folder")
     weight: float = Field(1.0, gt=0, description="relative share of the samples (normalised over sources)")
     subset: str | None = Field(None, min_length=1, description="hub config name (default: data.subset)")
+    revision: str | None = Field(None, min_length=1, description="hub branch, tag or commit (default: main)")
     path: str | None = Field(None, description="staged dataset (folder or URI with manifest.json)")
 
 

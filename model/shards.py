@@ -22,7 +22,6 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -196,7 +195,8 @@ class Manifest(BaseModel):
     val: list[ShardInfo] = []
     train_tokens: int = Field(0, ge=0)
     val_tokens: int = Field(0, ge=0)
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str | None = None  # written by stagings before STAGE_VERSION 2; a manifest is now the same bytes
+    # wherever and whenever it is staged
 
     def shards(self, split: Split) -> list[ShardInfo]:
         if split not in ("train", "val"):
@@ -265,7 +265,8 @@ class ShardWriter:
     A document goes to val when val holds less than `val_fraction` of the tokens so far, so the
     split is decided while streaming, needs no total upfront, and is a pure function of the
     document sequence. Memory is one shard buffer per split. `on_shard(path, info, split)` runs
-    after each shard is written (e.g. to upload it); the manifest is written by `close()` only.
+    after each shard is written (e.g. to upload it); the manifest is written by `close()` only. `unit` goes
+    into the shard names, so the units of a staging can be packed apart and listed together.
     """
 
     def __init__(
@@ -279,6 +280,7 @@ class ShardWriter:
         tokenizer_sha256: str,
         revision: str | None = None,
         on_shard: Callable[[Path, ShardInfo, Split], None] | None = None,
+        unit: str = "",
     ):
         if shard_tokens <= 0:
             raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens}")
@@ -293,6 +295,9 @@ class ShardWriter:
         self.shard_tokens, self.val_fraction = shard_tokens, val_fraction
         self.dtype = dtype_for_vocab(vocab_size)
         self.on_shard = on_shard
+        self.names = (
+            f"{{split}}_{unit}_{{n:06d}}.bin" if unit else "{split}_{n:06d}.bin"
+        )  # one unit of work's own
         self.manifest = Manifest(
             dataset=dataset,
             revision=revision,
@@ -341,7 +346,7 @@ class ShardWriter:
         if n == 0:
             return
         shards = self.manifest.shards(split)
-        path = self.out_dir / f"{split}_{len(shards):06d}.bin"
+        path = self.out_dir / self.names.format(split=split, n=len(shards))
         info = write_shard(path, self._buf[split][:n], self.dtype)
         shards.append(info)
         self._fill[split] = 0

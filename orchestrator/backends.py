@@ -97,17 +97,23 @@ class SkyPilotBackend:
     ends = "cancelled"
 
     def start(self, path: Path) -> runs.RunRecord:
-        """Stage the data here (once; GPUs never wait for it), put config.yaml in the store where the pods
-        read it, and submit the task to SkyPilot with the credentials attached as secrets."""
+        """Pin a hub dataset's revision (its nodes stage it, before training) or stage local files here, put
+        config.yaml in the store where the pods read it, and submit the task to SkyPilot with the credentials
+        attached as secrets."""
         from model.config import load_spec
         from model.store import StoreError, open_store
         from orchestrator import cloud
-        from orchestrator.stage import StageError, stage_for_run
+        from orchestrator.stage import StageError, pin_revisions, stage_for_run, stages_in_the_cloud
 
         record = runs.read_record(path)
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # stdout is for results (--json)
-                spec = stage_for_run(load_spec(path / runs.CONFIG), record, path, progress=True)
+            spec = load_spec(path / runs.CONFIG)
+            if stages_in_the_cloud(spec):  # the run's nodes stage it, next to the hub and the bucket
+                spec = pin_revisions(spec)
+                spec.write(path)
+            else:
+                with contextlib.redirect_stdout(sys.stderr):  # stdout is for results (--json)
+                    spec = stage_for_run(spec, record, path, progress=True)
             open_store(record.store).put_file(path / runs.CONFIG, runs.store_key(record.name, runs.CONFIG))
             runs.StopRequest(record.store, record.name).clear()  # an earlier `lmctl stop` is answered
         except (StoreError, StageError) as e:
@@ -139,9 +145,13 @@ class SkyPilotBackend:
         record = runs.read_record(path)
         if record.state not in runs.ACTIVE or record.job_id is None:
             return record
-        bucket, key = open_store(record.store), runs.store_key(record.name, runs.METRICS)
-        if bucket.exists(key):
-            bucket.get_file(key, path / runs.METRICS)
+        bucket = open_store(record.store)
+        for name in (runs.METRICS, runs.STAGING):  # staging.json: only while its head node stages the data
+            key = runs.store_key(record.name, name)
+            if bucket.exists(key):
+                bucket.get_file(key, path / name)
+            elif name == runs.STAGING:
+                (path / name).unlink(missing_ok=True)
         info = cloud.job_info(record)
         if info is None:
             return runs.update_record(path, state="failed", message=f"SkyPilot has no job {record.job_id}")

@@ -33,6 +33,7 @@ from model.store import StoreError, open_store
 from orchestrator import runs
 from orchestrator.runs import say
 from orchestrator.stage import StageError, stage_for_run
+from orchestrator.stage_unit import RayUnits
 from orchestrator.worker import train_worker
 
 MAX_WORKER_FAILURES = 3
@@ -179,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     code, state, message = 1, "failed", None
     try:
         spec = load_spec(path / runs.CONFIG)
-        with ThreadPoolExecutor(1) as pool:  # staging (CPU) overlaps Ray's start (mostly waiting)
-            staged = pool.submit(stage_for_run, spec, record, path)
+        with ThreadPoolExecutor(
+            1
+        ) as pool:  # a local run's staging (CPU) overlaps Ray's start (mostly waiting)
+            staged = None if args.pod else pool.submit(stage_for_run, spec, record, path)
             t0 = time.perf_counter()
             start_ray(record.workers, args.address, args.nodes)
             signal.signal(signal.SIGTERM, ask_stop)  # ray.init installs its own handlers
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{record.workers} workers (no CUDA driver in the image?); not training on CPUs"
                 )
             say(f"Ray up in {time.perf_counter() - t0:.1f} s")
-            spec = staged.result()
+            # On a pod, every node of the cluster stages the data before it trains: one Ray task per unit
+            spec = staged.result() if staged else stage_for_run(spec, record, path, runner=RayUnits())
             record = runs.update_record(path, data=spec.data.path)
         say(f"starting {record.workers} {'GPU' if use_gpu else 'CPU'} workers")
         if not stop.asked():

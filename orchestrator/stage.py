@@ -1,82 +1,83 @@
 """Stage a dataset to object storage: tokenize once, pack into shards, upload, commit with a manifest.
 
-    <store>/datasets/<hash>/   tokenizer.json, train_*.bin, val_*.bin, stage.json, manifest.json (last)
+    <store>/datasets/<hash>/   tokenizer.json, units/<unit>.json, train_<unit>_*.bin, val_<unit>_*.bin,
+                               stage.json, manifest.json (last)
 
 `<hash>` covers everything that decides the bytes of the shards: the source (hub id and resolved commit,
 or the sha256 of every local file), subset, split, text_field, max_tokens, val_fraction, shard_tokens,
 and the tokenizer (its sha256, or the training recipe for 'train'). Staging the same thing again finds
 the committed manifest and returns at once; a changed input lands in another directory.
 
-Resume: shard contents are a pure function of that hash, so an interrupted staging re-reads the stream
-from the start and skips every shard whose stored copy already has the right size and sha256. The
-tokenizer is uploaded first and reused on resume (a trained one is never trained twice). The manifest
-goes last, after every shard it lists is uploaded and verified, so a crash at any instant leaves
-nothing that looks complete.
+The work is split into units, one per input file of the source (stage_unit.py): each is packed into shards
+of its own, so units can run here one after another or as Ray tasks across a cluster, and the staged bytes
+are the same either way. This module trains (or loads) the tokenizer once, hands out the units in order,
+and lists their shards in the manifest in unit order.
 
-Speed: tokenizers' encode_batch runs in Rust on all cores with the GIL released. Two encoder threads
-keep one batch encoding while the other batch's ids are copied out, the main thread reads and packs,
-and an upload thread ships each shard as soon as ShardWriter cuts it.
+Resume: the tokenizer is uploaded first and reused (a trained one is never trained twice), a finished unit
+is recorded and skipped, and a unit cut short is redone, its shards already in the store verified and not
+sent again. The manifest goes last, after every shard it lists is in place, so a crash at any instant
+leaves nothing that looks complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
-import logging
-import queue
-import re
 import shutil
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from model.config import DataConfig
-from model.faults import fault_point
-from model.shards import MANIFEST, TOKENIZER, Manifest, ShardInfo, ShardWriter, file_sha256
+from model.shards import MANIFEST, TOKENIZER, Manifest, dtype_for_vocab, file_sha256
 from model.store import Store, cache_root, open_store
 from model.tokenizer import Tokenizer
 from orchestrator.progress import StageProgress
+from orchestrator.sources import (  # noqa: F401 - StageError and looks_local are asked for here by callers
+    Source,
+    StageError,
+    check_local_dataset,
+    looks_local,
+    one_line,
+    open_dataset,
+    resolve_source,
+    text_batches,
+)
+from orchestrator.stage_unit import UNITS, InProcess, RayUnits, UnitJob, UnitRecord, in_place, run_units
 
-STAGE_VERSION = 1  # bump when the bytes staged for the same spec change
+STAGE_VERSION = 2  # bump when the bytes staged for the same spec change (2: shards per unit of work)
 STAGE_INFO = "stage.json"
 DEFAULT_VOCAB = 32768
 MIN_VOCAB, MAX_VOCAB = 257, 1 << 20
 DEFAULT_SAMPLE_CHARS = 100_000_000  # tokenizer training sample: the first ~100 MB of text
 BATCH_CHARS = 1 << 20  # text per encode_batch call: enough docs to keep every core busy, ~110 MB of encodings
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".txt": "text", ".parquet": "parquet"}
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
-
-
-class StageError(ValueError):
-    """Bad input or an unreadable source; the message is one line that says what and what is allowed."""
+UNIT_BYTES = 256 << 20  # local input files are grouped into units of work of about this size on disk
 
 
 class StageInterrupted(KeyboardInterrupt):
     """Ctrl-C during a staging; the message says what stays in the store, which the same command reuses."""
 
 
-def _kept(uri: str, tokenizer: bool, uploader: Uploader | None) -> str:
-    """What an interrupted staging leaves in the store, and how to go on from there."""
-    shards = len(uploader.uploaded) + len(uploader.skipped) if uploader else 0
-    kept = ["the tokenizer"] if tokenizer else []
+def _kept(store: Store, prefix: str) -> str:
+    """What an interrupted staging leaves in the store (listed there), and how to go on from there."""
+    try:
+        names = store.list(prefix)
+    except Exception:
+        names = []
+    shards = sum(n.endswith(".bin") for n in names)
+    kept = ["the tokenizer"] if any(n.endswith(TOKENIZER) for n in names) else []
     if shards:
         kept.append(f"{shards} shard{'s' * (shards != 1)}")
     if not kept:
         return "nothing was uploaded yet; run the same command again to start over"
     return (
-        f"kept in {uri}: {' and '.join(kept)}; run the same command again to continue (what is in place is "
-        "verified and not uploaded again)"
+        f"kept in {store.url(prefix)}: {' and '.join(kept)}; run the same command again to continue (what is "
+        "in place is verified and not uploaded again)"
     )
 
 
@@ -88,11 +89,6 @@ def _interruption_says_what_is_kept(kept: Callable[[], str]) -> Iterator[None]:
         raise
     except KeyboardInterrupt:
         raise StageInterrupted(kept()) from None
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -143,221 +139,6 @@ class StageResult:
 # ---------------------------------------------------------------- sources
 
 
-@dataclass
-class Source:
-    """Where documents come from: `load_args` for datasets.load_dataset, `identity` for the hash."""
-
-    dataset: str  # what the manifest records: an absolute path or a hub id
-    revision: str | None
-    identity: dict[str, Any]
-    load_args: dict[str, Any]
-    total_chars: int | None  # an estimate of the text to read, for the ETA; None when unknown
-
-
-def _format_of(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in COMPRESSED:
-        suffixes.pop()
-    return LOCAL_FORMATS.get(suffixes[-1]) if suffixes else None
-
-
-def looks_local(dataset: str) -> bool:
-    """Whether `dataset` names a local file or folder (existing or not) rather than a hub id: the one answer
-    for staging and launch."""
-    return dataset.startswith(("/", ".", "~")) or bool(_format_of(Path(dataset))) or dataset.count("/") > 1
-
-
-def _text_chars(path: Path, text_field: str) -> int | None:
-    """Uncompressed size of the text in a file: its size for json/text, parquet's column statistics."""
-    if path.suffix.lower() in COMPRESSED:
-        return None
-    if _format_of(path) != "parquet":
-        return path.stat().st_size
-    try:
-        import pyarrow.parquet as pq
-
-        meta = pq.ParquetFile(path).metadata
-        col = meta.schema.names.index(text_field)
-        return sum(meta.row_group(i).column(col).total_uncompressed_size for i in range(meta.num_row_groups))
-    except Exception:
-        return None
-
-
-def _text_split_rule(path: Path, files: list[Path]) -> dict[str, str]:
-    """Each .txt file is one document (datasets' default makes every line one, with an end-of-text token
-    after it, so the model would learn to stop after a line). A folder mixing .txt with other formats is
-    refused: datasets would read only its most common kind."""
-    formats = {_format_of(f) for f in files}
-    if "text" not in formats:
-        return {}
-    if len(formats) > 1:
-        raise StageError(
-            f"folder {path} mixes .txt files with {', '.join(sorted(f for f in formats if f != 'text'))} "
-            "files: stage each kind from a folder of its own"
-        )
-    return {"sample_by": "document"}
-
-
-def _local_files(spec: DataConfig, path: Path) -> tuple[str | None, list[Path], list[str], dict[str, Any]]:
-    """(format, files, their names in the identity, datasets.load_dataset args) of a local file or folder."""
-    allowed = ", ".join(LOCAL_FORMATS)
-    if spec.revision:
-        raise StageError(f"--revision applies to hub datasets only; {path} is a local path")
-    if path.is_file():
-        fmt = _format_of(path)
-        if fmt is None:
-            raise StageError(f"{path} is not a supported data file: use {allowed}, optionally compressed")
-        if spec.subset:
-            raise StageError(f"--subset applies to hub datasets and dataset folders, not to the file {path}")
-        files, names = [path], [""]  # a file's name is not part of its identity: its bytes and format are
-        load_args = {"path": fmt, "data_files": {"train": [str(path)]}, "split": spec.split}
-    else:
-        visible = lambda p: not any(s.startswith(".") for s in p.relative_to(path).parts)  # noqa: E731
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _format_of(p) and visible(p))
-        if not files:
-            raise StageError(f"folder {path} holds no data files: expected {allowed} files")
-        fmt, names = None, [f.relative_to(path).as_posix() for f in files]
-        load_args = {"path": str(path), "name": spec.subset, "split": spec.split}
-    return fmt, files, names, load_args
-
-
-def check_local_dataset(spec: DataConfig) -> None:
-    """Before a run is launched: a local dataset can be read and has the text field (its first rows are read;
-    nothing is hashed or tokenized). Hub datasets are checked when staged, before any GPU is rented."""
-    path = Path(spec.dataset).expanduser()
-    if not path.exists():
-        return
-    fmt, files, names, load_args = _local_files(spec, path.resolve())
-    load_args.update(_text_split_rule(path.resolve(), files))
-    open_dataset(Source(str(path), None, {}, load_args, None), spec.text_field)
-
-
-def _local_source(spec: DataConfig, path: Path) -> Source:
-    fmt, files, names, load_args = _local_files(spec, path)
-    split_rule = _text_split_rule(path, files)
-    load_args.update(split_rule)
-    identity = {
-        "kind": "local",
-        "format": fmt,
-        "files": [[name, file_sha256(f)] for name, f in zip(names, files, strict=True)],
-        "subset": spec.subset,
-        "split": spec.split,
-        **split_rule,  # the rule decides the documents: a .txt staged line by line before is not reused
-    }
-    sizes = [_text_chars(f, spec.text_field) for f in files]
-    total = None if None in sizes else sum(sizes)
-    return Source(str(path), None, identity, load_args, total)
-
-
-def _hub_source(spec: DataConfig) -> Source:
-    """Resolve the revision to a commit, so the hash (and the data streamed) cannot drift with `main`."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        info = HfApi().dataset_info(spec.dataset, revision=spec.revision)  # HF_TOKEN from the environment
-    except RevisionNotFoundError:
-        raise StageError(f"revision {spec.revision!r} of hub dataset {spec.dataset} does not exist") from None
-    except RepositoryNotFoundError:
-        raise StageError(
-            f"dataset {spec.dataset!r} is not a local file or folder, and the Hugging Face hub has no "
-            "dataset of that id that these credentials can read (private or gated sets need HF_TOKEN)"
-        ) from None
-    except Exception as e:
-        raise StageError(
-            f"dataset {spec.dataset!r} is not a local file or folder, and the Hugging Face hub could not be "
-            f"asked about it: {_one_line(e)}"
-        ) from None
-    load_args = {"path": spec.dataset, "name": spec.subset, "split": spec.split, "revision": info.sha}
-    identity = {
-        "kind": "hub",
-        "id": spec.dataset,
-        "revision": info.sha,
-        "subset": spec.subset,
-        "split": spec.split,
-    }
-    return Source(spec.dataset, info.sha, identity, load_args, None)
-
-
-def resolve_source(spec: DataConfig) -> Source:
-    """A local file or folder when one exists at `dataset`, else a hub id; anything else is an error."""
-    try:
-        path = Path(spec.dataset).expanduser()
-    except RuntimeError:  # '~name' of no such user: no such path
-        path = Path(spec.dataset)
-    try:
-        exists = path.exists()
-    except OSError:  # a name longer than the filesystem allows: no such path
-        exists = False
-    if exists:
-        return _local_source(spec, path.resolve())
-    if looks_local(spec.dataset) or not HUB_ID.fullmatch(spec.dataset):
-        shown = spec.dataset if spec.dataset.isprintable() else repr(spec.dataset)  # one line, always
-        raise StageError(
-            f"dataset path {shown} does not exist: give a file or folder of "
-            f"{', '.join(LOCAL_FORMATS)} files, or a hub id such as HuggingFaceFW/fineweb-edu"
-        )
-    return _hub_source(spec)
-
-
-def open_dataset(source: Source, text_field: str) -> Any:
-    """datasets' streaming IterableDataset over `source`, reduced to the text column (checked to exist)."""
-    import datasets
-
-    if "torch" not in sys.modules:
-        # datasets imports torch (~1.5 s, ~300 MB) only to share an epoch counter with DataLoader workers;
-        # staging has none, and the control plane does no tensor work
-        datasets.config.TORCH_AVAILABLE = False
-    quiet = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(logging.CRITICAL)  # it logs a bad file's error itself: said once, below
-    try:
-        ds = datasets.load_dataset(**source.load_args, streaming=True)
-        columns = ds.column_names
-        if columns is None:  # some streaming builders learn their columns from the first row
-            columns = list(next(iter(ds)))
-    except StopIteration:  # no first row; also datasets' json builder on a file with no rows
-        raise StageError(f"dataset {source.dataset} is empty: it has no rows") from None
-    except Exception as e:
-        raise StageError(f"cannot read dataset {source.dataset}: {_one_line(e)}") from None
-    finally:
-        datasets.logging.set_verbosity(quiet)
-    if text_field not in columns:
-        raise StageError(
-            f"dataset {source.dataset} has no field {text_field!r}; fields found: "
-            f"{', '.join(columns) or 'none'} (pick one with --text-field)"
-        )
-    dtype = getattr((ds.features or {}).get(text_field), "dtype", "string")
-    if dtype not in ("string", "large_string"):
-        raise StageError(f"field {text_field!r} of dataset {source.dataset} holds {dtype}, not text")
-    return ds.select_columns([text_field])
-
-
-def text_batches(ds: Any, text_field: str, name: str, batch_chars: int) -> Iterator[tuple[list[str], int]]:
-    """(texts, characters) batches of about `batch_chars`, in dataset order; empty and null texts skipped."""
-    batch: list[str] = []
-    chars = 0
-    try:
-        for rows in ds.iter(batch_size=1024):
-            for text in rows[text_field]:
-                if not text:
-                    continue
-                if not isinstance(text, str):
-                    raise StageError(
-                        f"field {text_field!r} of dataset {name} holds {type(text).__name__}, not text"
-                    )
-                batch.append(text)
-                chars += len(text)
-                if chars >= batch_chars:
-                    yield batch, chars
-                    batch, chars = [], 0
-    except StageError:
-        raise
-    except Exception as e:
-        raise StageError(f"cannot read dataset {name}: {_one_line(e)}") from None
-    if batch:
-        yield batch, chars
-
-
 # ---------------------------------------------------------------- tokenizer and hash
 
 
@@ -376,8 +157,11 @@ def tokenizer_recipe(given: Tokenizer | None, vocab_size: int, sample_chars: int
     }
 
 
-def content_hash(spec: DataConfig, source: Source, recipe: dict[str, Any]) -> str:
+def content_hash(
+    spec: DataConfig, source: Source, recipe: dict[str, Any], unit_bytes: int = UNIT_BYTES
+) -> str:
     key = {
+        "unit_bytes": None if source.file_bytes is None else unit_bytes,
         "stage_version": STAGE_VERSION,
         "source": source.identity,
         "text_field": spec.text_field,
@@ -410,11 +194,6 @@ def _train_tokenizer(
 # ---------------------------------------------------------------- store side
 
 
-def in_place(store: Store, key: str, size: int, sha256: str) -> bool:
-    """The stored object is exactly these bytes (size, then the sha256 the store keeps; a HEAD each on S3)."""
-    return store.size(key) == size and store.stored_sha256(key) == sha256
-
-
 def committed(store: Store, prefix: str) -> Manifest | None:
     """The manifest under `prefix` if it exists and every object it lists has its recorded size."""
     if not store.exists(f"{prefix}/{MANIFEST}"):
@@ -429,106 +208,6 @@ def committed(store: Store, prefix: str) -> Manifest | None:
     if sizes != [b for _, b in names] or not store.exists(f"{prefix}/{TOKENIZER}"):
         return None
     return manifest
-
-
-class Uploader:
-    """Uploads shards in a background thread as they are cut, skipping those already in place (resume).
-
-    At most `depth` shards wait, so a slow link slows tokenizing instead of filling the disk.
-    """
-
-    def __init__(self, store: Store, prefix: str, depth: int = 4):
-        self.store, self.prefix = store, prefix
-        self.uploaded: list[str] = []
-        self.skipped: list[str] = []
-        self.error: BaseException | None = None
-        self._q: queue.Queue = queue.Queue(depth)
-        self._thread = threading.Thread(target=self._run, name="stage-upload", daemon=True)
-        self._thread.start()
-
-    def submit(self, path: Path, info: ShardInfo) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            with contextlib.suppress(queue.Full):
-                self._q.put((path, info), timeout=0.2)
-                return
-
-    def _run(self) -> None:
-        while (item := self._q.get()) is not None:
-            if self.error is not None:
-                continue  # drain until close()
-            path, info = item
-            try:
-                key = f"{self.prefix}/{info.name}"
-                if in_place(self.store, key, info.bytes, info.sha256):
-                    self.skipped.append(info.name)
-                else:
-                    self.store.put_file(path, key, sha256=info.sha256)
-                    self.uploaded.append(info.name)
-                path.unlink(missing_ok=True)
-                fault_point("stage.after_shard")
-            except BaseException as e:
-                self.error = e
-
-    def close(self) -> None:
-        """Wait for every submitted shard; re-raise the first upload error."""
-        self._q.put(None)
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-# ---------------------------------------------------------------- tokenize and pack
-
-
-def _encode(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """All ids of a batch as one flat uint32 array plus per-document lengths (Encodings freed at once)."""
-    ids = tok.encode_batch(texts)
-    lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    return np.fromiter(itertools.chain.from_iterable(ids), np.uint32, int(lens.sum())), lens
-
-
-def encoded(
-    tok: Tokenizer, batches: Iterator[tuple[list[str], int]], workers: int = 2
-) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """(ids, lengths, characters) per batch, in order, with `workers` batches in flight."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="stage-encode")
-    pending: deque = deque()
-    try:
-        for texts, chars in batches:
-            pending.append((pool.submit(_encode, tok, texts), chars))
-            if len(pending) > workers:
-                fut, c = pending.popleft()
-                yield (*fut.result(), c)
-        while pending:
-            fut, c = pending.popleft()
-            yield (*fut.result(), c)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        getattr(batches, "close", lambda: None)()
-
-
-def pack(
-    writer: ShardWriter,
-    batches: Iterator[tuple[np.ndarray, np.ndarray, int]],
-    max_tokens: int | None,
-    on_batch: Callable[[int, int, int], None] = lambda chars, docs, tokens: None,
-) -> int:
-    """Add documents to `writer` in order until the stream ends or `max_tokens` is reached; returns docs."""
-    docs = chars_seen = 0
-    m = writer.manifest
-    for ids, lens, chars in batches:
-        ends = np.cumsum(lens).tolist()
-        for start, end in zip([0, *ends[:-1]], ends, strict=True):
-            writer.add(ids[start:end])
-            docs += 1
-            if max_tokens is not None and m.train_tokens + m.val_tokens >= max_tokens:
-                on_batch(chars_seen + chars, docs, m.train_tokens + m.val_tokens)
-                return docs
-        chars_seen += chars
-        on_batch(chars_seen, docs, m.train_tokens + m.val_tokens)
-    return docs
 
 
 # ---------------------------------------------------------------- staging
@@ -546,7 +225,7 @@ def load_given_tokenizer(spec: DataConfig, vocab_size: int | None) -> Tokenizer 
     try:
         tok = Tokenizer.load(spec.tokenizer)
     except (ValueError, OSError) as e:  # OSError: a name too long for the filesystem
-        raise StageError(f"--tokenizer: {_one_line(e)} (give a tokenizer.json path, or 'train')") from None
+        raise StageError(f"--tokenizer: {one_line(e)} (give a tokenizer.json path, or 'train')") from None
     if vocab_size is not None and vocab_size != tok.vocab_size:
         raise StageError(
             f"--vocab-size {vocab_size} differs from the {tok.vocab_size} tokens of {spec.tokenizer}: "
@@ -563,14 +242,17 @@ def stage(
     endpoint_url: str | None = None,
     sample_chars: int = DEFAULT_SAMPLE_CHARS,
     batch_chars: int = BATCH_CHARS,
+    unit_bytes: int = UNIT_BYTES,
     work_dir: str | Path | None = None,
     progress: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    runner: InProcess | RayUnits | None = None,
 ) -> StageResult:
     """Stage `spec` into `<store_uri>/datasets/<hash>/`; a no-op (reused=True) when already committed.
 
     Raises StageError for bad input and StoreError for store trouble; nothing is committed then.
     progress: draw a bar on stderr; on_progress(facts): hear it as a dict (StageProgress.report).
+    runner: where the units run (stage_unit.RayUnits for a Ray cluster); default this process.
     """
     t0 = time.perf_counter()
     spec = spec if isinstance(spec, DataConfig) else DataConfig.model_validate(dict(spec))
@@ -588,7 +270,7 @@ def stage(
     store.check()
     source = resolve_source(spec)
     recipe = tokenizer_recipe(given, vocab_size or 0, sample_chars)
-    digest = content_hash(spec, source, recipe)
+    digest = content_hash(spec, source, recipe, unit_bytes)
     prefix = f"datasets/{digest}"
     if (reused := _reuse(store, prefix, digest, t0)) is not None:
         return reused
@@ -608,9 +290,7 @@ def stage(
     def waiting() -> None:
         print(f"waiting for another staging of {source.dataset} on this machine", file=sys.stderr, flush=True)
 
-    uploader: Uploader | None = None
-    tokenizer_kept = False
-    kept = lambda: _kept(store.url(prefix), tokenizer_kept, uploader)  # noqa: E731 - read at the interrupt
+    kept = lambda: _kept(store, prefix)  # noqa: E731 - read at the interrupt
     with (
         _interruption_says_what_is_kept(kept),
         locked_work_dir(work, on_wait=waiting),
@@ -629,47 +309,121 @@ def stage(
         if not in_place(store, f"{prefix}/{TOKENIZER}", size, sha):
             store.put_file(work / TOKENIZER, f"{prefix}/{TOKENIZER}", sha256=sha)
             uploaded.append(TOKENIZER)
-        tokenizer_kept = True
 
         bar.phase("tokenizing", total=spec.max_tokens or source.total_chars)
-        on_batch = lambda chars, docs, tokens: bar.update(tokens if spec.max_tokens else chars, docs, tokens)  # noqa: E731
-        uploader = Uploader(store, prefix)
         t_tok = time.perf_counter()
-        try:
-            writer = ShardWriter(
-                work,
-                eot_id=tok.eot_id,
-                vocab_size=tok.vocab_size,
-                shard_tokens=spec.shard_tokens,
-                val_fraction=spec.val_fraction,
-                dataset=source.dataset,
-                tokenizer_sha256=tok.sha256,
-                revision=source.revision,
-                on_shard=lambda path, info, split: uploader.submit(path, info),
-            )
-            with contextlib.closing(encoded(tok, batches())) as stream:
-                documents = pack(writer, stream, spec.max_tokens, on_batch)
-            manifest = writer.close()  # cuts the last shards; its local manifest.json is not uploaded
-        finally:
-            uploader.close()
+        records = _stage_units(
+            spec,
+            source,
+            source.units(ds.n_shards, unit_bytes),
+            store_uri,
+            endpoint_url,
+            prefix,
+            batch_chars,
+            runner,
+            bar,
+        )
         t_tok = time.perf_counter() - t_tok
         bar.finish()
-
+        manifest = _manifest_of(records, tok, spec, source)
+        documents = sum(r.documents for r in records)
         info = {
             "stage_version": STAGE_VERSION,
             "content_hash": digest,
             "spec": spec.model_dump(exclude={"path"}),
             "source": source.identity,
             "tokenizer": recipe,
+            "units": [r.label for r in records],
             "documents": documents,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         store.put_bytes(f"{prefix}/{STAGE_INFO}", json.dumps(info, indent=2).encode())
         store.put_bytes(f"{prefix}/{MANIFEST}", manifest.to_json().encode())  # the commit, last
-    uploaded += [*uploader.uploaded, STAGE_INFO, MANIFEST]
+        _sweep(store, prefix, records)
+    uploaded += [name for r in records for name in r.uploaded] + [STAGE_INFO, MANIFEST]
+    skipped = [name for r in records for name in r.skipped]
     seconds = time.perf_counter() - t0
     return StageResult(
-        store.url(prefix), digest, manifest, False, documents, seconds, t_tok, uploaded, uploader.skipped
+        store.url(prefix), digest, manifest, False, documents, seconds, t_tok, uploaded, skipped
+    )
+
+
+def _stage_units(
+    spec: DataConfig,
+    source: Source,
+    n_units: int,
+    store_uri: str,
+    endpoint_url: str | None,
+    prefix: str,
+    batch_chars: int,
+    runner: InProcess | RayUnits | None,
+    bar: StageProgress,
+) -> list[UnitRecord]:
+    """Every unit of the source in order, or with max_tokens the first units that reach it: each unit is
+    capped at max_tokens, and the unit that crosses it is staged again capped at what is left, so the result
+    stops after the document that reaches max_tokens however the units were spread."""
+    seen = {"chars": 0, "documents": 0, "tokens": 0}
+
+    def show(chars: int, docs: int, tokens: int) -> None:
+        tokens += seen["tokens"]
+        bar.update(tokens if spec.max_tokens else seen["chars"] + chars, seen["documents"] + docs, tokens)
+
+    def add(record: UnitRecord) -> None:
+        for key, n in (("chars", record.chars), ("documents", record.documents), ("tokens", record.tokens)):
+            seen[key] += n
+        show(0, 0, 0)
+
+    runner = runner or InProcess(on_batch=show)
+    job = lambda k, cap: UnitJob(  # noqa: E731
+        source,
+        spec.text_field,
+        n_units,
+        k,
+        cap,
+        store_uri,
+        endpoint_url,
+        prefix,
+        spec.shard_tokens,
+        spec.val_fraction,
+        batch_chars,
+    )
+    cap = spec.max_tokens
+    enough = lambda done: cap is not None and sum(r.tokens for r in done) >= cap  # noqa: E731
+    records = run_units(runner, (job(k, cap) for k in range(n_units)), enough, add)
+    before = sum(r.tokens for r in records[:-1])
+    if cap is not None and enough(records) and before:
+        (records[-1],) = run_units(runner, iter([job(len(records) - 1, cap - before)]), lambda done: False)
+    return records
+
+
+def _sweep(store: Store, prefix: str, records: list[UnitRecord]) -> None:
+    """Delete what units past a max_tokens cap left (staged ahead, or cut short when cancelled): the committed
+    dataset is its tokenizer, stage.json, the manifest, the listed units' records and their shards."""
+    keep = {TOKENIZER, STAGE_INFO, MANIFEST}
+    keep |= {f"{UNITS}/{r.label}.json" for r in records} | {i.name for r in records for i in r.train + r.val}
+    for key in store.list(prefix):
+        if key.removeprefix(f"{prefix}/") not in keep:
+            with contextlib.suppress(Exception):  # a leftover, not worth failing a committed staging over
+                store.delete(key)
+
+
+def _manifest_of(records: list[UnitRecord], tok: Tokenizer, spec: DataConfig, source: Source) -> Manifest:
+    """The units' shards listed in unit order: the same bytes whichever machines staged which unit."""
+    train = [i for r in records for i in r.train]
+    val = [i for r in records for i in r.val]
+    return Manifest(
+        dataset=source.dataset,
+        revision=source.revision,
+        tokenizer_sha256=tok.sha256,
+        vocab_size=tok.vocab_size,
+        eot_id=tok.eot_id,
+        dtype=dtype_for_vocab(tok.vocab_size).name,
+        shard_tokens=spec.shard_tokens,
+        val_fraction=spec.val_fraction,
+        train=train,
+        val=val,
+        train_tokens=sum(i.tokens for i in train),
+        val_tokens=sum(i.tokens for i in val),
     )
 
 
@@ -715,26 +469,57 @@ def _stored_tokenizer(store: Store, prefix: str, work: Path) -> Tokenizer | None
     return Tokenizer.load(work / TOKENIZER)
 
 
-def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False) -> Any:
+def stage_for_run(spec: Any, record: Any, path: Path, progress: bool = False, runner: Any = None) -> Any:
     """A run's dataset (spec: RunSpec) staged into its store once; config.yaml then names the staged copy
-    (data.path). Warns when the run will see that data more than once. Called by the driver (local runs)
-    and by the cloud launch, which stages before renting GPUs; they record data.path in run.json."""
+    (data.path). Warns when the run will see that data more than once. Called by the driver (a local run in
+    this process; a cloud run's head node with `runner` = RayUnits over its cluster) and by a cloud launch of
+    local files; they record data.path in run.json."""
     from model.staged import staged_manifest
     from orchestrator.sanity import warn_epochs
 
     if spec.data.mixture:
-        return _stage_mixture(spec, record, path, progress)
+        return _stage_mixture(spec, record, path, progress, runner)
     if spec.data.path:
         warn_epochs(spec, staged_manifest(spec.data.path))  # and still there?
         return spec
-    result = _stage_said(spec.data, spec, record, path, progress)
+    result = _stage_said(spec.data, spec, record, path, progress, runner)
     warn_epochs(spec, result.manifest)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": result.dataset_uri})})
     spec.write(path)
     return spec
 
 
-def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool) -> Any:
+def stages_in_the_cloud(spec: Any) -> bool:
+    """Whether a cloud run's data is staged on its own nodes: every source not yet staged is on the hub (a
+    local file is only on this machine, so a run with one stages here, as a whole)."""
+    sources = [s for s in (spec.data.mixture or [spec.data]) if not s.path]
+    return bool(sources) and not any(looks_local(s.dataset) for s in sources)
+
+
+def pin_revisions(spec: Any) -> Any:
+    """The spec with each hub source's revision resolved to its commit (one API call each, no data read),
+    so every node and every recovery of a cloud run stages the same bytes."""
+    from orchestrator.sources import hub_source
+
+    d = spec.data
+    if not d.mixture:
+        return spec.model_copy(update={"data": d.model_copy(update={"revision": hub_source(d).revision})})
+    pinned = [
+        src
+        if src.path
+        else src.model_copy(update={"revision": hub_source(_one_source(d, src, d.tokenizer)).revision})
+        for src in d.mixture
+    ]
+    return spec.model_copy(update={"data": d.model_copy(update={"mixture": pinned})})
+
+
+def _one_source(d: DataConfig, src: Any, tokenizer: str) -> DataConfig:
+    """A mixture's source as a dataset of its own: data's fields, the source's name, subset and revision."""
+    one = {"dataset": src.dataset, "subset": src.subset or d.subset, "revision": src.revision or d.revision}
+    return d.model_copy(update={**one, "tokenizer": tokenizer, "mixture": [], "path": None})
+
+
+def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool, runner: Any) -> Any:
     """Each source of data.mixture staged once (reused by any mixture that names it), the first with
     data.tokenizer and the others with the first's tokenizer, so one vocabulary covers them all; config.yaml
     then names every staged copy, and data.path the first's (its tokenizer is the run's)."""
@@ -743,9 +528,9 @@ def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool) -> Any:
     d, tokenizer, sources = spec.data, spec.data.tokenizer, []
     for src in d.mixture:
         if src.path is None:
-            one = {"dataset": src.dataset, "subset": src.subset or d.subset, "tokenizer": tokenizer}
-            one = d.model_copy(update={**one, "mixture": [], "path": None})
-            src = src.model_copy(update={"path": _stage_said(one, spec, record, path, progress).dataset_uri})
+            one = _one_source(d, src, tokenizer)
+            staged = _stage_said(one, spec, record, path, progress, runner)
+            src = src.model_copy(update={"path": staged.dataset_uri})
         else:
             staged_manifest(src.path)  # and still there?
         sources.append(src)
@@ -757,14 +542,21 @@ def _stage_mixture(spec: Any, record: Any, path: Path, progress: bool) -> Any:
     return spec
 
 
-def _stage_said(data: DataConfig, spec: Any, record: Any, path: Path, progress: bool) -> StageResult:
+def _stage_said(
+    data: DataConfig, spec: Any, record: Any, path: Path, progress: bool, runner: Any
+) -> StageResult:
     """stage() of one dataset of a run, said in the run's log and reported in staging.json as it goes."""
     from orchestrator.runs import say
 
     say(f"staging {data.dataset} to {record.store}")
-    with StagingReport(path, data.dataset) as report:
+    with StagingReport(path, data.dataset, record) as report:
         result = stage(
-            data, record.store, vocab_size=spec.model.vocab_size, progress=progress, on_progress=report
+            data,
+            record.store,
+            vocab_size=spec.model.vocab_size,
+            progress=progress,
+            on_progress=report,
+            runner=runner,
         )
     done = "reused" if result.reused else "staged"
     say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
@@ -773,23 +565,37 @@ def _stage_said(data: DataConfig, spec: Any, record: Any, path: Path, progress: 
 
 class StagingReport:
     """on_progress of a run's staging: runs/<name>/staging.json, replaced whole (what `status` and `attach`
-    show while the run stages), and a line in the run's log every SAY_EVERY_S (what `logs` shows). The file
-    goes when the staging ends, however it ends."""
+    show while the run stages), and a line in the run's log every SAY_EVERY_S (what `logs` shows). On a cloud
+    run's head node the file is also put in the store every MIRROR_EVERY_S, where the launching machine reads
+    it. The file goes when the staging ends, however it ends."""
 
     SAY_EVERY_S = 30.0
+    MIRROR_EVERY_S = 10.0
 
-    def __init__(self, path: Path, dataset: str):
+    def __init__(self, path: Path, dataset: str, record: Any):
         from orchestrator import runs
 
-        self.file, self.dataset, self._said = path / runs.STAGING, dataset, time.monotonic()
+        self.file, self.dataset, self._said, self._mirrored = (
+            path / runs.STAGING,
+            dataset,
+            time.monotonic(),
+            0.0,
+        )
+        self.store = open_store(record.store) if record.mode == "cloud" else None
+        self.key = runs.store_key(record.name, runs.STAGING)
 
     def __call__(self, facts: dict[str, Any]) -> None:
         from orchestrator.progress import human
         from orchestrator.runs import say
 
+        text = json.dumps({"dataset": self.dataset, **facts, "time": time.time()})
         tmp = self.file.with_name(f".{self.file.name}.tmp")
-        tmp.write_text(json.dumps({"dataset": self.dataset, **facts, "time": time.time()}))
+        tmp.write_text(text)
         tmp.replace(self.file)
+        if self.store is not None and time.monotonic() - self._mirrored >= self.MIRROR_EVERY_S:
+            self._mirrored = time.monotonic()
+            with contextlib.suppress(Exception):  # progress is a courtesy: never fail a staging over it
+                self.store.put_bytes(self.key, text.encode())
         if facts.get("tokens") and time.monotonic() - self._said >= self.SAY_EVERY_S:
             self._said = time.monotonic()
             eta = f", eta {facts['eta_s']:.0f} s" if facts.get("eta_s") is not None else ""
@@ -803,3 +609,6 @@ class StagingReport:
 
     def __exit__(self, *exc) -> None:
         self.file.unlink(missing_ok=True)
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.delete(self.key)

@@ -311,7 +311,7 @@ def test_a_mistyped_verb_or_flag_gets_the_nearest_one(capsys, argv, message):
 def test_ctrl_c_during_stage_says_what_is_kept_and_the_same_command_continues(
     tmp_path, capsys, monkeypatch, corpus_texts, tiny_tokenizer
 ):
-    from orchestrator import stage
+    from orchestrator import stage_unit as stage
 
     monkeypatch.setenv("LMCTL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

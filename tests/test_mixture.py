@@ -48,7 +48,7 @@ def test_a_mixture_is_staged_once_per_source_with_one_tokenizer_and_trains_by_we
     other = words_corpus(tmp_path / "words.jsonl")
     mixture = dataset_flags([f"{DEFAULT_CORPUS}:0.7", f"{other}:0.3"])[1]
     spec = resolve_spec("tiny", SHORT, mixture=mixture)
-    record = SimpleNamespace(store=f"file://{tmp_path}/store")
+    record = SimpleNamespace(store=f"file://{tmp_path}/store", mode="local", name="mix")
     run = tmp_path / "run"
     run.mkdir()
     staged = stage_for_run(spec, record, run)

@@ -335,7 +335,7 @@ def test_a_run_staging_its_data_shows_how_far_in_status_attach_and_its_log(tmp_p
 
     path = make_run(tmp_path, "stg", state="staging", driver=driver_of(spawn("sleep", "30")), metrics=[])
     seen: list[dict] = []
-    with StagingReport(path, "configs/data/shakespeare.jsonl") as report:
+    with StagingReport(path, "configs/data/shakespeare.jsonl", runs.read_record(path)) as report:
         report.SAY_EVERY_S = 0.0
 
         def hear(facts: dict) -> None:

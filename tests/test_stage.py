@@ -120,7 +120,9 @@ def test_stage_restage_and_tokens(tmp_path, data, docs):
     want = expected(docs, tok)
     assert staged_tokens(folder, m, "train") == want["train"]
     assert staged_tokens(folder, m, "val") == want["val"]
-    assert sorted(r.uploaded) == sorted(p.name for p in folder.iterdir())
+    assert sorted(r.uploaded) == sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+    )
     info = json.loads((folder / "stage.json").read_text())
     assert info["documents"] == r.documents and info["tokenizer"]["vocab_size"] == VOCAB
 
@@ -210,8 +212,13 @@ def test_resume_after_kill_file_store(tmp_path, data, docs):
     assert killed.returncode == -9, killed.stderr
     (folder,) = (store / "datasets").iterdir()
     assert not (folder / MANIFEST).exists()  # nothing marked complete
-    assert sorted(snapshot(folder)) == [TOKENIZER, "train_000000.bin", "train_000001.bin", "train_000002.bin"]
-    bad = folder / "train_000001.bin"  # same size, other bytes: must be replaced, not trusted
+    assert sorted(snapshot(folder)) == [
+        TOKENIZER,
+        "train_00000_000000.bin",
+        "train_00000_000001.bin",
+        "train_00000_000002.bin",
+    ]
+    bad = folder / "train_00000_000001.bin"  # same size, other bytes: must be replaced, not trusted
     data_bytes = bytearray(bad.read_bytes())
     data_bytes[-1] ^= 1
     bad.write_bytes(bytes(data_bytes))
@@ -220,10 +227,10 @@ def test_resume_after_kill_file_store(tmp_path, data, docs):
     finished = run_cli(args, {})
     assert finished.returncode == 0, finished.stderr
     r = json.loads(finished.stdout)
-    assert sorted(r["skipped"]) == ["train_000000.bin", "train_000002.bin"]
-    assert "train_000001.bin" in r["uploaded"] and TOKENIZER not in r["uploaded"]
+    assert sorted(r["skipped"]) == ["train_00000_000000.bin", "train_00000_000002.bin"]
+    assert "train_00000_000001.bin" in r["uploaded"] and TOKENIZER not in r["uploaded"]
     after = snapshot(folder)
-    kept = [TOKENIZER, "train_000000.bin", "train_000002.bin"]
+    kept = [TOKENIZER, "train_00000_000000.bin", "train_00000_000002.bin"]
     assert all(after[name] == done[name] for name in kept)  # the same files: not re-uploaded
     assert after[bad.name] != done[bad.name]
     m = Manifest.from_json((folder / MANIFEST).read_text())
@@ -238,17 +245,19 @@ def test_resume_after_kill_file_store(tmp_path, data, docs):
 
 def s3_objects(uri: str, endpoint: str, prefix: str) -> dict[str, bytes]:
     store = open_store(uri, endpoint)
-    return {k.rsplit("/", 1)[-1]: store.get_bytes(k) for k in store.list(prefix)}
+    return {k.removeprefix(f"{prefix}/"): store.get_bytes(k) for k in store.list(prefix)}
+
+
+def folder_objects(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def comparable(objects: dict[str, bytes]) -> dict[str, bytes]:
-    """Every object; the manifest without its creation time, stage.json without its timing."""
+    """Every object byte for byte (the manifest included), stage.json without its timing."""
     out = dict(objects)
-    m = json.loads(out.pop(MANIFEST))
     info = json.loads(out.pop("stage.json"))
-    m.pop("created")
     info.pop("seconds")
-    return out | {MANIFEST: json.dumps(m).encode(), "stage.json": json.dumps(info).encode()}
+    return out | {"stage.json": json.dumps(info).encode()}
 
 
 def test_s3_stage_restage_and_resume(tmp_path, data, docs, s3_bucket, monkeypatch):
@@ -259,7 +268,11 @@ def test_s3_stage_restage_and_resume(tmp_path, data, docs, s3_bucket, monkeypatc
     store = open_store(s3_bucket.uri, s3_bucket.endpoint)
     keys = store.list("datasets")
     prefix = keys[0].rsplit("/", 1)[0]
-    assert sorted(k.rsplit("/", 1)[1] for k in keys) == [TOKENIZER, "train_000000.bin", "train_000001.bin"]
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == [
+        TOKENIZER,
+        "train_00000_000000.bin",
+        "train_00000_000001.bin",
+    ]
 
     puts: list[str] = []
     real_put = S3Store.put_file
@@ -272,13 +285,13 @@ def test_s3_stage_restage_and_resume(tmp_path, data, docs, s3_bucket, monkeypatc
     spec = DataConfig(dataset=str(data), shard_tokens=SHARD, val_fraction=VAL)
     r = stage(spec, s3_bucket.uri, vocab_size=VOCAB, endpoint_url=s3_bucket.endpoint)
     assert not r.reused and r.dataset_uri == f"{s3_bucket.uri}/{prefix}"
-    assert sorted(r.skipped) == ["train_000000.bin", "train_000001.bin"]
+    assert sorted(r.skipped) == ["train_00000_000000.bin", "train_00000_000001.bin"]
     assert puts and not {f"{prefix}/{n}" for n in [TOKENIZER, *r.skipped]} & set(puts)
     assert all(store.size(f"{prefix}/{s.name}") == s.bytes for s in r.manifest.train + r.manifest.val)
 
     local = stage(spec, str(tmp_path / "ref"), vocab_size=VOCAB)  # the same staging to a file store
     assert local.content_hash == r.content_hash
-    ref = {p.name: p.read_bytes() for p in local_dir(local).iterdir()}
+    ref = folder_objects(local_dir(local))
     assert comparable(s3_objects(s3_bucket.uri, s3_bucket.endpoint, prefix)) == comparable(ref)
 
     puts.clear()
@@ -295,7 +308,7 @@ def test_s3_through_faults_is_byte_identical(tmp_path, data, tok_path, s3_bucket
     assert sum(proxy.faults.values()) > 0, proxy.faults
     assert r.content_hash == ref.content_hash
     got = s3_objects(s3_bucket.uri, s3_bucket.endpoint, f"datasets/{r.content_hash}")
-    want = {p.name: p.read_bytes() for p in local_dir(ref).iterdir()}
+    want = folder_objects(local_dir(ref))
     assert comparable(got) == comparable(want)
 
 
