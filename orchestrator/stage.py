@@ -102,6 +102,8 @@ class StageResult:
     tokenize_seconds: float = 0.0  # reading, encoding, packing and uploading shards: the part that scales
     uploaded: list[str] = field(default_factory=list)  # objects written by this call
     skipped: list[str] = field(default_factory=list)  # shards already in place (a resumed staging)
+    units: int = 0  # units of work staged (or found staged) by this call
+    nodes: int | None = None  # Ray nodes that staged them; None when this process did
 
     @property
     def tokens(self) -> int:
@@ -343,8 +345,19 @@ def stage(
     uploaded += [name for r in records for name in r.uploaded] + [STAGE_INFO, MANIFEST]
     skipped = [name for r in records for name in r.skipped]
     seconds = time.perf_counter() - t0
+    nodes = len({r.node for r in records}) if records[0].node else None
     return StageResult(
-        store.url(prefix), digest, manifest, False, documents, seconds, t_tok, uploaded, skipped
+        store.url(prefix),
+        digest,
+        manifest,
+        False,
+        documents,
+        seconds,
+        t_tok,
+        uploaded,
+        skipped,
+        len(records),
+        nodes,
     )
 
 
@@ -559,7 +572,8 @@ def _stage_said(
             runner=runner,
         )
     done = "reused" if result.reused else "staged"
-    say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s)")
+    where = f", {result.units} units on {result.nodes} node{'s' * (result.nodes > 1)}" if result.nodes else ""
+    say(f"{done} {result.tokens:,} tokens at {result.dataset_uri} ({result.seconds:.1f} s{where})")
     return result
 
 

@@ -182,6 +182,7 @@ class UnitRecord:
     val: list[ShardInfo]
     uploaded: list[str] = field(default_factory=list)  # objects this call sent (not part of the record)
     skipped: list[str] = field(default_factory=list)  # shards it found in place
+    node: str | None = None  # the Ray node that staged it (RayUnits), for the log
 
     @property
     def tokens(self) -> int:
@@ -251,6 +252,7 @@ def stage_unit(
             uploader.close()
     record = UnitRecord(job.label, documents, chars[0], manifest.train, manifest.val)
     store.put_bytes(job.record_key, record.to_json().encode())  # last: the unit is finished
+    fault_point("stage.after_unit")
     record.uploaded = [*uploader.uploaded, f"{UNITS}/{job.label}.json"]
     record.skipped = uploader.skipped
     return record
@@ -310,8 +312,12 @@ def _unit_task(job: UnitJob, cpus: int) -> UnitRecord:
     oversubscribe it (the variable is read when the pool first starts, in this worker process)."""
     import os
 
+    import ray
+
     os.environ.setdefault("RAYON_NUM_THREADS", str(cpus))
-    return stage_unit(job)
+    record = stage_unit(job)
+    record.node = ray.get_runtime_context().get_node_id()
+    return record
 
 
 def run_units(

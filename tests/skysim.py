@@ -38,6 +38,9 @@ class SimCluster:
         self.nodes = task.num_nodes
         self.procs: list[subprocess.Popen] = []
         self.launches = 0
+        self.node_extra: dict[
+            int, dict[str, str]
+        ] = {}  # one node's own extra env (a fault), for the next start
         # SkyPilot's recovery keeps the task's envs; our ports are the sim's, since other Ray instances of
         # the test session may use the defaults.
         ray_port, client_port, agent_port = free_ports(3)
@@ -62,6 +65,7 @@ class SimCluster:
             LMCTL_RUNS_DIR=str(home / "runs"),
             LMCTL_CACHE=str(home / "cache"),
         )
+        env.update(self.node_extra.get(rank, {}))
         return env
 
     def setup(self, timeout: float = 600) -> subprocess.CompletedProcess:

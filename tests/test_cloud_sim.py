@@ -146,3 +146,96 @@ def test_pods_rented_with_gpus_that_ray_cannot_see_fail_instead_of_training_on_c
     assert "the pods were rented with 1 GPU(s) each but Ray sees 0 GPUs for 1 workers" in log, log
     assert "starting 1 CPU workers" not in log and "Traceback" not in log
     assert Checkpointer(f"{s3_bucket.uri}/runs/nocuda/checkpoints").latest() is None
+
+
+def test_a_hub_dataset_is_staged_by_the_run_s_nodes_and_survives_losing_one(
+    tmp_path, s3_bucket, sky_jobs, monkeypatch
+):
+    """The launching machine reads no dataset bytes and uploads no shard: both nodes of the run stage the
+    hub dataset as Ray tasks, one of them dies after its first unit (its tasks rerun on the other), and the
+    committed dataset is byte for byte what one machine stages; the recovered job reuses it and trains."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hubsim import FakeHub, use_endpoint
+
+    from model.config import DEFAULT_CORPUS, load_spec
+    from model.shards import read_jsonl_texts
+    from model.store import S3Store
+    from orchestrator.stage import stage
+
+    repo = tmp_path / "hub" / "sim" / "corpus" / "data"
+    repo.mkdir(parents=True)
+    paragraphs = [p for d in read_jsonl_texts(DEFAULT_CORPUS) for p in d.split("\n\n") if p.strip()]
+    files = 6  # of ~15 KB of text each: ~26K tokens in all, under the 43K the 20 steps train on
+    for k in range(files):
+        part = paragraphs[k * 60 : (k + 1) * 60]
+        pq.write_table(pa.table({"text": part}), repo / f"train-{k:05d}-of-{files:05d}.parquet")
+
+    puts: list[str] = []  # every key this process (the launcher) writes to the bucket
+    real_file, real_bytes = S3Store.put_file, S3Store.put_bytes
+    monkeypatch.setattr(
+        S3Store,
+        "put_file",
+        lambda self, local, key, **kw: puts.append(key) or real_file(self, local, key, **kw),
+    )
+    monkeypatch.setattr(
+        S3Store, "put_bytes", lambda self, key, data: puts.append(key) or real_bytes(self, key, data)
+    )
+
+    hub = FakeHub(tmp_path / "hub")
+    with hub as endpoint, use_endpoint(endpoint, home=tmp_path / "hf-launcher"):
+        launched = launch(
+            "tiny",
+            [*overrides(20, 10), "data.dataset=sim/corpus"],
+            name="hubrun",
+            store=s3_bucket.uri,
+            root=tmp_path / "runs",
+            hardware=Hardware(gpu="L40S", nodes=2, cloud="aws"),
+        )
+        assert hub.reads == [] and hub.bytes_served == 0  # the revision was resolved; no file was read
+        assert not [k for k in puts if k.startswith("datasets/")], puts  # no shard, no tokenizer
+        spec = load_spec(launched.path / runs.CONFIG)
+        assert spec.data.revision == hub.sha("sim/corpus") and spec.data.path is None
+        assert launched.record.data is None
+        [(_, task)] = sky_jobs
+        assert task.envs["HF_ENDPOINT"] == endpoint
+
+        (tmp_path / "sim").mkdir()
+        env = sim_env(s3_bucket) | {"HF_UPDATE_DOWNLOAD_COUNTS": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env |= {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}
+        sim = SimCluster(task, tmp_path / "sim", {k: v for k, v in env.items() if not k.endswith("_OFFLINE")})
+        assert sim.setup().returncode == 0
+        bucket = open_store(s3_bucket.uri, s3_bucket.endpoint)
+        try:
+            # node 1 dies half way through its second unit: after its train shard, before its val shard
+            sim.node_extra = {1: {"LMCTL_FAULT": "stage.after_shard:3:SESSION"}}
+            sim.start()
+            alive = lambda: sim.procs[0].poll() is None
+            committed = lambda: any(k.endswith("/manifest.json") for k in bucket.list("datasets"))
+            wait_until(committed, 240, "the dataset committed by the surviving node", alive=alive)
+            wait_until(
+                lambda: "units on 2 nodes" in sim.log(0), 30, "the staging's line in the log", alive=alive
+            )
+            first = sim.log(0)
+            sim.preempt()  # the job lost a node: SkyPilot recovers it on new nodes
+            sim.node_extra = {}
+            sim.start()
+            assert sim.wait_head(timeout=300) == 0, sim.log(0)
+        finally:
+            sim.kill()
+        assert "6 units on 2 nodes" in first and "so the task will be retried" in first, first
+        log = sim.log(0)
+        assert "reused" in log and "finished: finished at step 20" in log, log
+
+        # one machine, this process, the same config: the same bytes
+        (prefix,) = {k.rsplit("/", 1)[0] for k in bucket.list("datasets") if k.endswith("/manifest.json")}
+        here = stage(spec.data, f"file://{tmp_path / 'here'}", vocab_size=spec.model.vocab_size)
+    assert prefix == f"datasets/{here.content_hash}" and here.units == 6
+    local = open_store(f"file://{tmp_path / 'here'}")
+    ours = {k: local.get_bytes(k) for k in local.list(prefix)}
+    theirs = {k: bucket.get_bytes(k) for k in bucket.list(prefix)}
+    for objects in (ours, theirs):  # stage.json says how long it took: the one object that may differ
+        info = json.loads(objects.pop(f"{prefix}/stage.json"))
+        objects["seconds"] = info.pop("seconds") > 0
+        objects["stage.json"] = json.dumps(info).encode()
+    assert ours == theirs
