@@ -45,6 +45,7 @@ EPILOG = """examples:
   lmctl train --config 1b --run-dir runs/prof --profile 5     trace, memory snapshot and top ops of 5 steps
   lmctl stage --dataset configs/data/shakespeare.jsonl --vocab-size 2048      tokenize once into runs/store
   lmctl stage --dataset HuggingFaceFW/fineweb-edu --subset sample-10BT --max-tokens 1e9 --store s3://bucket/lmctl
+  lmctl stage --dataset HuggingFaceFW/fineweb-edu --store s3://bucket/lmctl --cloud --cpus 32 --nodes 4
 """
 
 STAGE_FLAGS = {  # DataConfig field -> the flag that sets it, for one-line validation errors
@@ -159,15 +160,21 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.tokenizer_sample_mb) and args.tokenizer_sample_mb * 1e6 >= 1):
         raise ConfigError(f"--tokenizer-sample-mb {args.tokenizer_sample_mb}: give a positive number of MB")
+    store = args.store if args.store is not None else default_store(runs_root())  # '' is no store
+    sample_chars = int(args.tokenizer_sample_mb * 1e6)
     try:
-        result = stage(
-            spec,
-            args.store if args.store is not None else default_store(runs_root()),  # '' is no store
-            vocab_size=args.vocab_size,
-            endpoint_url=args.endpoint_url,
-            sample_chars=int(args.tokenizer_sample_mb * 1e6),
-            progress=not args.json and sys.stderr.isatty(),
-        )
+        if args.cloud:
+            return _stage_in_the_cloud(args, spec, store, sample_chars)
+        with _units_runner(args.workers) as runner:
+            result = stage(
+                spec,
+                store,
+                vocab_size=args.vocab_size,
+                endpoint_url=args.endpoint_url,
+                sample_chars=sample_chars,
+                progress=not args.json and sys.stderr.isatty(),
+                runner=runner,
+            )
     except (StageError, StoreError) as e:
         raise ConfigError(str(e)) from None
     except StageInterrupted as e:
@@ -180,6 +187,50 @@ def cmd_stage(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     _print_stage_summary(result)
+    return 0
+
+
+@contextlib.contextmanager
+def _units_runner(workers: int):
+    """Where `lmctl stage` runs its units: this process (1), or a Ray cluster of `workers` CPUs on this
+    machine, one unit per CPU at once."""
+    if workers == 1:
+        yield None
+        return
+    from orchestrator.driver import start_ray
+    from orchestrator.stage_unit import RayUnits
+
+    start_ray(workers, None)
+    try:
+        yield RayUnits()
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
+def _stage_in_the_cloud(args: argparse.Namespace, spec, store: str, sample_chars: int) -> int:
+    from orchestrator import stage_job
+
+    if args.endpoint_url:
+        raise _config_error(
+            "--endpoint-url is this machine's; for --cloud set AWS_ENDPOINT_URL, which the job gets"
+        )
+    if args.workers != 1:
+        raise _config_error(
+            "--workers is for staging here; a --cloud job uses every CPU of its machines (--cpus)"
+        )
+    out = stage_job.submit(
+        spec, store, vocab_size=args.vocab_size, sample_chars=sample_chars, cpus=args.cpus, nodes=args.nodes
+    )
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif out["reused"]:
+        print(f"already staged: {out['dataset_uri']}")
+    else:
+        print(f"submitted SkyPilot job {out['job_id']} ({out['name']}): {out['dataset']} @ {out['revision']}")
+        print(f"it commits {out['dataset_uri']}; follow it with: sky jobs logs {out['job_id']}")
+        print(f"then train on it: lmctl launch --dataset {out['dataset_uri']} ...")
     return 0
 
 
@@ -942,6 +993,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--endpoint-url", help="S3 endpoint: R2, MinIO, B2, RunPod (default: $AWS_ENDPOINT_URL or AWS)"
     )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="units of work (input files) staged at once, as Ray tasks on this machine (default 1: in this "
+        "process; tokenizing already uses every core)",
+    )
+    g = p.add_argument_group("in the cloud (SkyPilot)")
+    g.add_argument(
+        "--cloud",
+        action="store_true",
+        help="stage a hub dataset on a SkyPilot CPU job next to the hub and the bucket (a managed job: "
+        "resumed after a preemption); this machine only pins the revision and submits (needs s3:// --store)",
+    )
+    g.add_argument(
+        "--cpus",
+        type=positive_int,
+        default=8,
+        help="CPUs per machine of the --cloud job, at least (default 8)",
+    )
+    g.add_argument("--nodes", type=positive_int, default=1, help="machines of the --cloud job (default 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (no progress bar, no table)")
     p.set_defaults(func=cmd_stage)
     return ap

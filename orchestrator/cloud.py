@@ -93,11 +93,10 @@ def submit(record: runs.RunRecord, task_yaml: Path, secrets: dict[str, str]) -> 
     run on a new pod) or, with managed=False, a cluster that tears itself down when idle."""
     import sky
 
+    if record.managed:
+        return Submitted(launch_job(task_yaml, record.name, secrets), None)
     task = load_task(task_yaml, secrets)
     try:
-        if record.managed:
-            job_ids, _ = sky.stream_and_get(sky.jobs.launch(task, name=record.name))
-            return Submitted(job_ids[0] if job_ids else None, None)
         job_id, _ = sky.stream_and_get(
             sky.launch(
                 task, cluster_name=record.name, idle_minutes_to_autostop=AUTODOWN_IDLE_MINUTES, down=True
@@ -106,6 +105,18 @@ def submit(record: runs.RunRecord, task_yaml: Path, secrets: dict[str, str]) -> 
         return Submitted(job_id, record.name)
     except Exception as e:  # noqa: BLE001 - no credentials, no capacity, API server down, ...
         raise CloudError(f"SkyPilot could not launch {record.name}: {_first_line(e)}") from None
+
+
+def launch_job(task_yaml: Path, name: str, secrets: dict[str, str]) -> int | None:
+    """A managed job of the task: SkyPilot reruns it on new machines after a preemption. Its id."""
+    import sky
+
+    task = load_task(task_yaml, secrets)
+    try:
+        job_ids, _ = sky.stream_and_get(sky.jobs.launch(task, name=name))
+    except Exception as e:  # noqa: BLE001 - no credentials, no capacity, API server down, ...
+        raise CloudError(f"SkyPilot could not launch {name}: {_first_line(e)}") from None
+    return job_ids[0] if job_ids else None
 
 
 @dataclass

@@ -268,6 +268,26 @@ def test_status_follows_skypilot_and_the_store(capsys, bucket, root, fake, store
     assert (s["state"], s["cost_so_far"]) == ("finished", pytest.approx(PRICE * 3))
 
 
+def test_status_shows_the_nodes_staging_and_bills_the_time_it_takes(capsys, bucket, root, fake, store):
+    """A cloud run's head node stages a hub dataset before training and puts its progress in the store
+    (stage.StagingReport): status and attach show it, and the cost so far counts the job's time, staging
+    included, since the GPUs are rented from the job's start."""
+    start(capsys, bucket, root, "staging")
+    facts = {"dataset": "org/set", "phase": "tokenizing", "documents": 1200, "tokens": 3_400_000}
+    facts |= {"tokens_per_s": 820_000.0, "fraction": 0.41, "eta_s": 120.0, "time": 1.0}
+    store.put_bytes(runs.store_key("staging", runs.STAGING), json.dumps(facts).encode())
+    fake.script(ManagedJobStatus.RUNNING, job_duration=600.0, recovery_count=0)
+    s = status(capsys, root, "staging")
+    assert s["state"] == "running" and s["staging"]["tokens"] == 3_400_000 and s["step"] == 0
+    assert s["cost_so_far"] == pytest.approx(PRICE * 600 / 3600)
+    code, out, _ = lmctl(capsys, "status", "staging", "--runs-dir", str(root))
+    assert code == 0 and "tokenizing org/set: 1.2K docs, 3.4M tokens, 820.0K tok/s, 41%" in out
+
+    store.delete(runs.store_key("staging", runs.STAGING))  # staged: the head node trains now
+    fake.script(ManagedJobStatus.RUNNING, job_duration=660.0, recovery_count=0)
+    assert status(capsys, root, "staging")["staging"] is None
+
+
 @pytest.mark.parametrize("checkpoint, expected", [(200, "finished"), (150, "stopped"), (None, "stopped")])
 def test_a_job_that_succeeded_finished_only_with_its_last_step_committed(
     capsys, bucket, root, fake, checkpoint, expected

@@ -76,6 +76,23 @@ def bucket_metrics(bucket, name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def hub_repo(tmp_path: Path, files: int = 6) -> Path:
+    """A hub dataset `sim/corpus` of `files` parquet files of corpus paragraphs, ~2.5K tokens each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from model.config import DEFAULT_CORPUS
+    from model.shards import read_jsonl_texts
+
+    repo = tmp_path / "hub" / "sim" / "corpus" / "data"
+    repo.mkdir(parents=True)
+    paragraphs = [p for d in read_jsonl_texts(DEFAULT_CORPUS) for p in d.split("\n\n") if p.strip()]
+    for k in range(files):
+        part = paragraphs[k * 60 : (k + 1) * 60]
+        pq.write_table(pa.table({"text": part}), repo / f"train-{k:05d}-of-{files:05d}.parquet")
+    return tmp_path / "hub"
+
+
 @pytest.mark.parametrize("gpu, nodes", [("L40S:2", 1), ("L40S", 2)], ids=["1-node", "2-node"])
 def test_a_cloud_run_trains_into_the_bucket_and_survives_a_preemption(
     tmp_path, s3_bucket, sky_jobs, gpu, nodes
@@ -154,22 +171,11 @@ def test_a_hub_dataset_is_staged_by_the_run_s_nodes_and_survives_losing_one(
     """The launching machine reads no dataset bytes and uploads no shard: both nodes of the run stage the
     hub dataset as Ray tasks, one of them dies after its first unit (its tasks rerun on the other), and the
     committed dataset is byte for byte what one machine stages; the recovered job reuses it and trains."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from hubsim import FakeHub, use_endpoint
 
-    from model.config import DEFAULT_CORPUS, load_spec
-    from model.shards import read_jsonl_texts
+    from model.config import load_spec
     from model.store import S3Store
     from orchestrator.stage import stage
-
-    repo = tmp_path / "hub" / "sim" / "corpus" / "data"
-    repo.mkdir(parents=True)
-    paragraphs = [p for d in read_jsonl_texts(DEFAULT_CORPUS) for p in d.split("\n\n") if p.strip()]
-    files = 6  # of ~15 KB of text each: ~26K tokens in all, under the 43K the 20 steps train on
-    for k in range(files):
-        part = paragraphs[k * 60 : (k + 1) * 60]
-        pq.write_table(pa.table({"text": part}), repo / f"train-{k:05d}-of-{files:05d}.parquet")
 
     puts: list[str] = []  # every key this process (the launcher) writes to the bucket
     real_file, real_bytes = S3Store.put_file, S3Store.put_bytes
@@ -182,7 +188,7 @@ def test_a_hub_dataset_is_staged_by_the_run_s_nodes_and_survives_losing_one(
         S3Store, "put_bytes", lambda self, key, data: puts.append(key) or real_bytes(self, key, data)
     )
 
-    hub = FakeHub(tmp_path / "hub")
+    hub = FakeHub(hub_repo(tmp_path))
     with hub as endpoint, use_endpoint(endpoint, home=tmp_path / "hf-launcher"):
         launched = launch(
             "tiny",
@@ -239,3 +245,68 @@ def test_a_hub_dataset_is_staged_by_the_run_s_nodes_and_survives_losing_one(
         objects["seconds"] = info.pop("seconds") > 0
         objects["stage.json"] = json.dumps(info).encode()
     assert ours == theirs
+
+
+def test_lmctl_stage_cloud_is_a_cpu_job_that_resumes_after_a_preemption(
+    tmp_path, s3_bucket, sky_jobs, capsys
+):
+    """`lmctl stage --cloud` pins the revision and submits a 2-node CPU job (SkyPilot's schema); the job's
+    head dies after its first unit, the rerun stages only the units not recorded, and the committed dataset
+    is at the URI the submit named, byte for byte what one machine stages; asked again, nothing is
+    submitted."""
+    from hubsim import FakeHub, use_endpoint
+
+    from model.config import DataConfig
+    from orchestrator.cli import main
+    from orchestrator.stage import stage
+
+    hub = FakeHub(hub_repo(tmp_path))
+    argv = ["stage", "--dataset", "sim/corpus", "--store", s3_bucket.uri, "--vocab-size", "512"]
+    argv += ["--cloud", "--cpus", "2", "--nodes", "2", "--json"]
+    bucket = open_store(s3_bucket.uri, s3_bucket.endpoint)
+    with hub as endpoint, use_endpoint(endpoint, home=tmp_path / "hf-launcher"):
+        assert main(argv) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert hub.reads == [] and bucket.list("datasets") == []  # nothing read, nothing staged from here
+        assert out["revision"] == hub.sha("sim/corpus") and not out["reused"] and out["job_id"] == 1
+        [(name, task)] = sky_jobs
+        assert name == out["name"] and task.num_nodes == 2
+        assert {str(r.cpus) for r in task.resources} == {"2+"} and not any(
+            r.accelerators for r in task.resources
+        )
+        assert task.secrets["AWS_SECRET_ACCESS_KEY"].get_secret_value()
+
+        (tmp_path / "sim").mkdir()
+        env = sim_env(s3_bucket) | {"HF_UPDATE_DOWNLOAD_COUNTS": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        sim = SimCluster(task, tmp_path / "sim", {k: v for k, v in env.items() if not k.endswith("_OFFLINE")})
+        assert sim.setup().returncode == 0
+        try:
+            sim.node_extra = {0: {"LMCTL_FAULT": "stage.after_unit:1:SESSION"}}  # the head node is lost
+            sim.start()
+            assert sim.wait_head(timeout=300) != 0
+            sim.preempt()
+            recorded = [k for k in bucket.list("datasets") if "/units/" in k]
+            assert recorded and not any(k.endswith("manifest.json") for k in bucket.list("datasets"))
+            sim.node_extra = {}
+            sim.start()  # SkyPilot's recovery of the managed job
+            assert sim.wait_head(timeout=300) == 0, sim.log(0)
+        finally:
+            sim.kill()
+        result = json.loads(sim.log(0).strip().splitlines()[-1])
+        assert result["dataset_uri"] == out["dataset_uri"] and result["tokens"] > 0
+        again = [u for u in result["uploaded"] if u.startswith("units/")]
+        assert len(again) == 6 - len(recorded) and "tokenizer.json" not in result["uploaded"]
+
+        here = stage(
+            DataConfig(dataset="sim/corpus", revision=out["revision"]),
+            f"file://{tmp_path / 'here'}",
+            vocab_size=512,
+        )
+        assert main(argv) == 0 and json.loads(capsys.readouterr().out)["reused"]
+        assert len(sky_jobs) == 1
+    prefix = f"datasets/{here.content_hash}"
+    assert out["dataset_uri"].endswith(prefix)
+    local = open_store(f"file://{tmp_path / 'here'}")
+    ours = {k: local.get_bytes(k) for k in local.list(prefix) if not k.endswith("stage.json")}
+    theirs = {k: bucket.get_bytes(k) for k in bucket.list(prefix) if not k.endswith("stage.json")}
+    assert ours == theirs and len(ours) == 1 + 6 + 12 + 1  # tokenizer, unit records, shards, manifest
