@@ -145,3 +145,37 @@ def test_a_finished_unit_is_not_staged_again(tmp_path, parquet_folder, tok_path,
     assert sorted(again.skipped) == sorted(
         i.name for i in first.manifest.train + first.manifest.val if "_00003_" in i.name
     )
+
+
+def test_a_cloud_run_stages_hub_sources_on_its_nodes_pinned_to_their_commits(tmp_path, parquet_folder):
+    """Which runs stage on their own nodes (hub sources only), and the revisions they get pinned to: each
+    source of a mixture its own repo's commit, so every node and every recovery stages the same bytes."""
+    import shutil
+
+    from hubsim import FakeHub, use_endpoint
+
+    from model.config import resolve
+    from orchestrator.stage import pin_revisions, stages_in_the_cloud
+
+    for repo in ("org/a", "org/b"):
+        shutil.copytree(parquet_folder, tmp_path / "hub" / repo / "data")
+    (tmp_path / "hub" / "org" / "b" / "data" / "extra.parquet").write_bytes(
+        (parquet_folder / f"train-00000-of-{FILES:05d}.parquet").read_bytes()
+    )  # another file: another commit
+    hub = FakeHub(tmp_path / "hub")
+    mixture = [{"dataset": "org/a", "weight": 0.7}, {"dataset": "org/b", "weight": 0.3}]
+    with hub as endpoint, use_endpoint(endpoint, home=tmp_path / "hf"):
+        one = resolve("tiny", ["data.dataset=org/a"])
+        assert stages_in_the_cloud(one)
+        assert pin_revisions(one).data.revision == hub.sha("org/a")
+        pinned = pin_revisions(with_mixture(one, mixture)).data.mixture
+        assert [s.revision for s in pinned] == [hub.sha("org/a"), hub.sha("org/b")]
+        assert hub.sha("org/a") != hub.sha("org/b") and hub.reads == []
+    assert not stages_in_the_cloud(resolve("tiny"))  # the shipped corpus is a local file: staged here
+    local_too = with_mixture(one, [*mixture, {"dataset": str(DEFAULT_CORPUS)}])
+    assert not stages_in_the_cloud(local_too)  # a mixture with a local source is staged here, whole
+
+
+def with_mixture(spec, sources: list[dict]):
+    data = {**spec.data.model_dump(), "mixture": sources}
+    return type(spec).model_validate({**spec.model_dump(), "data": data})
