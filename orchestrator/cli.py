@@ -21,8 +21,8 @@ EPILOG = """examples:
   lmctl launch --config 124m --dry-run            render runs/<name>/ (config.yaml, task.yaml), launch nothing
   lmctl plan --gpu RTX5090 --config 1b            memory, micro-batch, tokens/s, time and cost before renting
   lmctl launch --gpu RTX5090 --config 1b --dataset HuggingFaceFW/fineweb-edu --store s3://my-bucket/lm
-                                                  shows the plan and its cost, asks, stages here, then
-                                                  submits a SkyPilot managed job (spot-safe)
+                                                  shows the plan and its cost, asks, submits a SkyPilot
+                                                  managed job (spot-safe); its nodes stage the hub data
   lmctl launch --gpu H100:8 --config 1b --store s3://my-bucket/lm --yes --max-cost 500    scripts: no question
   lmctl launch --gpu H100:8 --nodes 2 --cloud aws --spot --config 1b --store s3://my-bucket/lm --dry-run
   lmctl resume big --gpu H100:4                   continue a cloud run on other GPUs (same global batch)
@@ -791,8 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[runs_dir],
         help="render a run, stage its data, train it with Ray (detached; --foreground stays)",
         description="Resolve a preset and overrides into runs/<name>/ (config.yaml, task.yaml, run.json, "
-        "logs/), stage the dataset to the store, and train with Ray Train workers. Returns at once and "
-        "prints how to follow the run, unless --foreground.",
+        "logs/), stage the dataset to the store (a cloud run's own nodes stage a hub dataset; local files "
+        "are staged from here), and train with Ray Train workers. Returns at once and prints how to follow "
+        "the run, unless --foreground.",
     )
     p.add_argument("--config", default="tiny", help="preset name (tiny, 124m, 350m, 1b) or a YAML path")
     p.add_argument(

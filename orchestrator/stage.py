@@ -312,7 +312,6 @@ def stage(
             store.put_file(work / TOKENIZER, f"{prefix}/{TOKENIZER}", sha256=sha)
             uploaded.append(TOKENIZER)
 
-        bar.phase("tokenizing", total=spec.max_tokens or source.total_chars)
         t_tok = time.perf_counter()
         records = _stage_units(
             spec,
@@ -375,15 +374,21 @@ def _stage_units(
     """Every unit of the source in order, or with max_tokens the first units that reach it: each unit is
     capped at max_tokens, and the unit that crosses it is staged again capped at what is left, so the result
     stops after the document that reaches max_tokens however the units were spread."""
-    seen = {"chars": 0, "documents": 0, "tokens": 0}
+    seen = {"chars": 0, "documents": 0, "tokens": 0, "units": 0}
+    # how far it is: in tokens towards max_tokens, else in characters of a known total, else in units
+    by = "tokens" if spec.max_tokens else "chars" if source.total_chars else "units"
+    bar.phase(
+        "tokenizing", total={"tokens": spec.max_tokens, "chars": source.total_chars, "units": n_units}[by]
+    )
 
     def show(chars: int, docs: int, tokens: int) -> None:
-        tokens += seen["tokens"]
-        bar.update(tokens if spec.max_tokens else seen["chars"] + chars, seen["documents"] + docs, tokens)
+        now = {"chars": seen["chars"] + chars, "tokens": seen["tokens"] + tokens, "units": seen["units"]}
+        bar.update(now[by], seen["documents"] + docs, now["tokens"])
 
     def add(record: UnitRecord) -> None:
         for key, n in (("chars", record.chars), ("documents", record.documents), ("tokens", record.tokens)):
             seen[key] += n
+        seen["units"] += 1
         show(0, 0, 0)
 
     runner = runner or InProcess(on_batch=show)

@@ -355,3 +355,21 @@ def test_a_run_staging_its_data_shows_how_far_in_status_attach_and_its_log(tmp_p
     for text in (detail, dash):
         assert "tokenizing configs/data/shakespeare.jsonl" in text and "tok/s" in text and "eta" in text
     assert "tokenizing configs/data/shakespeare.jsonl:" in capsys.readouterr().out  # the log's line
+
+
+def test_a_cloud_run_s_head_node_puts_its_staging_in_the_store_and_takes_it_away(tmp_path):
+    """On a pod (a `cloud` record) staging.json is also put in the run's store, where the launching machine
+    fetches it (SkyPilotBackend.refresh); it goes from both places when the staging ends."""
+    from model.store import open_store
+    from orchestrator.stage import StagingReport
+
+    path = make_run(tmp_path, "pod", state="staging", metrics=[])
+    record = runs.update_record(path, mode="cloud", store=f"file://{tmp_path}/store")
+    store, key = open_store(record.store), runs.store_key("pod", runs.STAGING)
+    with StagingReport(path, "org/set", record) as report:
+        report({"phase": "tokenizing", "documents": 5, "tokens": 900, "tokens_per_s": 10.0})
+        assert json.loads(store.get_bytes(key))["tokens"] == 900
+        report({"phase": "tokenizing", "documents": 9, "tokens": 1800, "tokens_per_s": 10.0})
+        assert json.loads(store.get_bytes(key))["tokens"] == 900  # the store hears it every 10 s, not more
+        assert json.loads((path / runs.STAGING).read_text())["tokens"] == 1800
+    assert not store.exists(key) and not (path / runs.STAGING).exists()
