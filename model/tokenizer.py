@@ -21,6 +21,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from model.shards import atomic_write
 
 EOT = "<|endoftext|>"
+EOT_NAMES = (
+    EOT,
+    "<|end_of_text|>",
+    "</s>",
+)  # end-of-text in our tokenizers, Llama 3's, Llama 2's / Mistral's
 N_BYTES = 256
 
 
@@ -46,10 +51,11 @@ class Tokenizer:
         self.backend.encode_special_tokens = True  # special tokens in text are just text
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
         specials = sorted(i for i, tok in added.items() if tok.special)
-        eot = backend.token_to_id(EOT)
+        eot = next((i for name in EOT_NAMES if (i := backend.token_to_id(name)) is not None), None)
         if eot is None and not specials:
             raise ValueError(f"tokenizer has no end-of-text token: add {EOT!r} as a special token")
         self._eot_id = eot if eot is not None else specials[0]
+        self._special = set(specials)
         self._bytes = self._token_bytes(added)
 
     def _token_bytes(self, added: dict) -> list[bytes]:
@@ -125,13 +131,18 @@ class Tokenizer:
         table = self._bytes
         return b"".join(table[i] for i in ids)
 
+    def text_bytes(self) -> list[int]:
+        """How many bytes of text each id stands for, special tokens 0 (end-of-text is no text): what bits
+        per byte divides by."""
+        return [0 if i in self._special else len(b) for i, b in enumerate(self._bytes)]
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
     def eot_id(self) -> int:
-        """End-of-text id: EOT when the vocabulary has it, else the first special token."""
+        """End-of-text id: the first of EOT_NAMES the vocabulary has, else the first special token."""
         return self._eot_id
 
     @cached_property
