@@ -453,6 +453,10 @@ def measure_smoke(bench: Bench) -> dict[str, Any]:
         "steps": train[-1]["step"] if train else None,
         "final_loss": train[-1]["loss"] if train else None,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "final_val_bpb": evals[-1].get("val_bpb") if evals else None,
+        "final_tasks": next((r["evals"] for r in reversed(metrics) if "evals" in r), {}),
+        "untrained_tasks": untrained_tasks(path),
+        "final_samples": next((r["samples"] for r in reversed(metrics) if "samples" in r), {}),
         "loadavg_1m": os.getloadavg()[0],
     }
     if code != 0:
@@ -461,10 +465,37 @@ def measure_smoke(bench: Bench) -> dict[str, Any]:
     print(
         f"smoke: {wall:.1f} s to exit (first step {result['first_step_s']:.1f} s, last step "
         f"{result['last_step_s']:.1f} s), loss {result['final_loss']:.3f}, "
-        f"val loss {result['final_val_loss']:.3f}",
+        f"val loss {result['final_val_loss']:.3f}, val bpb {result['final_val_bpb']:.3f}; tasks "
+        + ", ".join(
+            f"{t}: acc {r['acc']:.3f} (untrained {result['untrained_tasks'][t]['acc']:.3f}, "
+            f"chance {r['chance']:.2f})"
+            for t, r in result["final_tasks"].items()
+        ),
         flush=True,
     )
     return result
+
+
+def untrained_tasks(path: Path) -> dict[str, Any]:
+    """The run's tasks scored by its model before any step (the same seed's initial weights): chance level."""
+    import torch
+
+    from model.config import load_spec
+    from model.decoder import Decoder
+    from model.evals import load_task, score_task, task_name
+    from model.staged import fetch_tokenizer
+    from model.tokenizer import Tokenizer
+
+    spec = load_spec(path / "config.yaml")
+    torch.manual_seed(spec.train.seed)
+    model = Decoder(spec.model)
+    tok = Tokenizer.load(fetch_tokenizer(spec.data.path, path / "untrained"))
+    return {
+        task_name(t): score_task(
+            model, tok, load_task(t, spec.train.eval_examples), spec.model.seq_len, "cpu"
+        )
+        for t in spec.train.evals
+    }
 
 
 def measure_cli(bench: Bench, n: int) -> dict[str, Any]:
@@ -632,6 +663,11 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         row("  last step to exit (s)", s["wall_s"] - s["last_step_s"], None, ".1f")
         row(f"smoke final loss (step {s['steps']})", s["final_loss"], None, ".3f")
         row("smoke final val loss", s["final_val_loss"], None, ".3f")
+        row("smoke final val bits per byte", s.get("final_val_bpb"), None, ".3f")
+        for task, r in s.get("final_tasks", {}).items():
+            row(
+                f"smoke {task} acc (untrained {s['untrained_tasks'][task]['acc']:.3f})", r["acc"], None, ".3f"
+            )
     if "cli" in res:
         c, g = res["cli"], GOALS["cli_ratio"]
         for k in ("python -c pass", "lmctl --help", "lmctl status"):

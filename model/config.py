@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,6 +92,15 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)
     eval_batches: int = Field(8, gt=0, le=100000)
+    evals: list[str] = Field(
+        [],
+        description="multiple-choice tasks scored at evaluations (model/evals.py): hellaswag, arc_easy, "
+        "arc_challenge, piqa, a shipped one (configs/evals), or a .jsonl of {context, choices, label}",
+    )
+    evals_every: int | None = Field(None, gt=0, description="steps between task evals (default eval_every)")
+    eval_examples: int = Field(500, gt=0, le=10**6, description="examples per task at most")
+    samples: list[str] = Field([], description="prompts continued greedily at evaluations (log, metrics)")
+    sample_tokens: int = Field(32, gt=0, le=1024, description="new tokens per sample")
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(3, gt=0, le=1000)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA")
@@ -104,6 +113,11 @@ class TrainConfig(_Strict):
         "none on a CPU",
     )
     async_checkpoint: bool = Field(True, description="write checkpoints in a background thread")
+    init_from: str | None = Field(
+        None,
+        description="first weights of a new run (model/init_from.py): <checkpoints>@<step> of another run, "
+        "or hf:<folder or hub id>; lmctl launch --init-from sets it",
+    )
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod
@@ -265,11 +279,14 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 
 def all_keys(model: type[BaseModel] = RunSpec, prefix: str = "") -> list[str]:
-    """Every dotted key an override may set (data.mixture, a list, is set by --dataset or a config file)."""
+    """Every dotted key an override may set: lists of text too (train.evals=[a,b]); data.mixture, a list of
+    sources, is set by --dataset or a config file."""
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if get_origin(ann) is list:
+            if get_args(ann)[0] is str:
+                keys.append(prefix + name)
             continue
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += all_keys(ann, f"{prefix}{name}.")
@@ -296,10 +313,14 @@ def parse_override(text: str) -> tuple[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else value
     except (yaml.YAMLError, ValueError, TypeError, OverflowError):  # ValueError: '!!int x'
         parsed = value
+    section, _, name = key.partition(".")
+    annotation = RunSpec.model_fields[section].annotation.model_fields[name].annotation
+    if get_origin(annotation) is list:  # a list of text: [a, b], one item, or nothing
+        items = parsed if isinstance(parsed, list) else [] if parsed in (None, "") else [value.strip()]
+        return key, [str(i) for i in items]
     if isinstance(parsed, (dict, list)):
         parsed = value  # a scalar field never takes a structure; let validation name the type
-    section, _, name = key.partition(".")
-    text_field = RunSpec.model_fields[section].annotation.model_fields[name].annotation in (str, str | None)
+    text_field = annotation in (str, str | None)
     if text_field and parsed is not None and not isinstance(parsed, str):
         parsed = value.strip()  # data.revision=2024: YAML reads a number, the field wants text
     return key, parsed

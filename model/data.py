@@ -168,7 +168,12 @@ class Mixture:
             raise ValueError(f"mixture weight(s) {', '.join(small)} below 1/{MIX_BLOCK} of the total")
         self.sources, self.names = sources, names or [str(s.data_dir) for s in sources]
         self.share = self.counts / MIX_BLOCK  # the proportions drawn, as the weights round
-        self.seq_len, self.manifest = sources[0].seq_len, sources[0].manifest
+        # the first source's folder and manifest stand for the mixture: its tokenizer is the run's
+        self.seq_len, self.manifest, self.data_dir = (
+            sources[0].seq_len,
+            sources[0].manifest,
+            sources[0].data_dir,
+        )
 
     @lru_cache(maxsize=4)  # noqa: B019 - a handful of blocks per step, and the mixture lives as long as the run
     def _block(self, seed: int, block: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from model.config import CONFIGS_DIR
 from model.errors import ConfigError
 from model.tokenizer import Tokenizer
 
@@ -40,6 +42,8 @@ def bits_per_byte(nats: float, n_bytes: float) -> float:
 
 
 # ---------------------------------------------------------------- multiple-choice tasks
+
+SHIPPED = CONFIGS_DIR / "evals"  # tasks shipped with lmctl, named by their file's stem
 
 
 @dataclass(frozen=True)
@@ -81,25 +85,34 @@ HUB_TASKS = {
 }
 
 
+def shipped_tasks() -> list[str]:
+    return sorted(p.stem for p in SHIPPED.glob("*.jsonl"))
+
+
 def task_name(task: str) -> str:
-    """How a task is named in metrics: a hub task's name, a file's stem."""
+    """How a task is named in metrics: a hub or shipped task's name, a file's stem."""
     return task if task in HUB_TASKS else Path(task).stem
 
 
-def check_task(task: str) -> None:
-    """A known hub task or an existing .jsonl file; else one line saying what is allowed."""
-    if task in HUB_TASKS or (task.endswith(".jsonl") and Path(task).is_file()):
-        return
+def task_file(task: str) -> Path | None:
+    """The JSONL file of a task: a shipped one by name, else a path; None for a hub task. One line saying
+    what is allowed when it is neither."""
+    if task in HUB_TASKS:
+        return None
+    if (SHIPPED / f"{task}.jsonl").is_file():
+        return SHIPPED / f"{task}.jsonl"
+    if task.endswith(".jsonl") and Path(task).expanduser().is_file():
+        return Path(task).expanduser()
     raise ConfigError(
-        f"eval task {task!r} is neither a known task ({', '.join(HUB_TASKS)}) nor an existing .jsonl file "
-        "of {context, choices, label} rows"
+        f"eval task {task!r} is not a known task ({', '.join([*HUB_TASKS, *shipped_tasks()])}) nor an "
+        "existing .jsonl file of {context, choices, label} rows"
     )
 
 
 def load_task(task: str, limit: int | None = None) -> list[Example]:
     """The first `limit` examples of a task (all with None), in the task's own order."""
-    check_task(task)
-    if task in HUB_TASKS:
+    path = task_file(task)
+    if path is None:
         import datasets
 
         hub = HUB_TASKS[task]
@@ -112,7 +125,7 @@ def load_task(task: str, limit: int | None = None) -> list[Example]:
             ) from None
         return out
     out = []
-    with open(task) as f:
+    with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -156,7 +169,7 @@ def score_task(
     examples: list[Example],
     max_len: int,
     device: torch.device,
-    autocast: Callable = torch.autocast,
+    autocast: Callable = contextlib.nullcontext,
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from model.config import ModelConfig
 from model.decoder import Decoder
 from model.errors import ConfigError
-from model.tokenizer import Tokenizer
+from model.tokenizer import EOT_NAMES, Tokenizer
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 ARCHITECTURE = "LlamaForCausalLM"
@@ -264,8 +264,9 @@ def _check_later(tensors: dict[str, torch.Tensor], model: Decoder) -> None:
 
 def load_hf_tokenizer(folder: str | Path) -> Tokenizer:
     """Our Tokenizer of folder/tokenizer.json (byte-level BPE only). Its end-of-text id is Tokenizer's rule
-    (the '<|endoftext|>' token, else the first special token), which staging uses between documents; one that
-    config.json's eos_token_id does not name is refused rather than trained with the wrong separator."""
+    (the first of EOT_NAMES it has, else the first special token), which staging puts between documents;
+    one that config.json's eos_token_id does not name is refused rather than trained with the wrong
+    separator."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -285,7 +286,8 @@ def load_hf_tokenizer(folder: str | Path) -> Tokenizer:
         eot = tok.backend.id_to_token(tok.eot_id)
         raise ConfigError(
             f"config.json: eos_token_id is {eos!r} but tokenizer.json's end-of-text is {tok.eot_id} "
-            f"({eot!r}); supported: an eos that is '<|endoftext|>', or else the first special token"
+            f"({eot!r}); supported: an eos that is one of {', '.join(EOT_NAMES)}, or else the first "
+            "special token"
         )
     return tok
 

@@ -34,6 +34,12 @@ def truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def append_record(path: str | Path, rec: dict[str, Any]) -> None:
+    """One record at the end of a metrics.jsonl, as one write (a line the trainer writes stays whole)."""
+    with open(path, "a") as f:
+        f.write(json.dumps({**rec, "time": round(time.time(), 3)}) + "\n")
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All complete lines of a metrics.jsonl."""
     out = []
@@ -54,7 +60,16 @@ def _console_line(rec: dict[str, Any]) -> str:
     if "stop" in rec:
         return f"step {rec['step']:>6} | stop requested: checkpointing this step"
     if "val_loss" in rec:
-        return f"step {rec['step']:>6} | val_loss {rec['val_loss']:.4f} | ppl {rec['val_ppl']:.2f}"
+        bpb = f" | bpb {rec['val_bpb']:.4f}" if rec.get("val_bpb") is not None else ""
+        return f"step {rec['step']:>6} | val_loss {rec['val_loss']:.4f} | ppl {rec['val_ppl']:.2f}{bpb}"
+    if "evals" in rec:
+        return "\n".join(
+            f"step {rec['step']:>6} | eval {name}: acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f} "
+            f"(chance {r['chance']:.3f}, {r['n']} examples)"
+            for name, r in rec["evals"].items()
+        )
+    if "samples" in rec:
+        return "\n".join(f"step {rec['step']:>6} | sample {p!r} -> {t!r}" for p, t in rec["samples"].items())
     parts = [
         f"step {rec['step']:>6}",
         f"loss {rec['loss']:.4f}",

@@ -43,15 +43,22 @@ class TrainingState:
         )
 
     def restore(self, step: int | None = None) -> int:
-        """Load the newest committed checkpoint (or `step`) into model, optimizer, RNG: its step, else 0."""
-        loaded = self.ckpt.load(step, keys=STATE_KEYS)
-        if loaded is None:
-            return 0
-        state, meta = loaded
-        check_compatible(self.spec, meta)
+        """Load the newest committed checkpoint (or `step`) into model, optimizer, RNG: its step, else 0.
+        A run with none yet starts from train.init_from's weights when it names some (a fresh optimizer)."""
         from torch.distributed.checkpoint import state_dict as sd
 
         options = sd.StateDictOptions(full_state_dict=True)
+        loaded = self.ckpt.load(step, keys=STATE_KEYS)
+        if loaded is None:
+            if source := self.spec.train.init_from:
+                from model.init_from import initial_state
+
+                sd.set_model_state_dict(self.raw, initial_state(source, self.spec.model), options=options)
+                if self.d.main:
+                    print(f"initialised from {source}", flush=True)
+            return 0
+        state, meta = loaded
+        check_compatible(self.spec, meta)
         sd.set_model_state_dict(self.raw, state["model"], options=options)
         sd.set_optimizer_state_dict(self.raw, self.opt, state["optim"], options=options)
         set_rng_state(state["rng"])

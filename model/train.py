@@ -31,15 +31,18 @@ from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resol
 from model.data import BatchLoader, Mixture, TokenDataset, eval_batches
 from model.decoder import Decoder
 from model.errors import positive_int
+from model.evals import bits_per_byte, load_task, samples, score_task, task_name, text_bytes
 from model.faults import fault_point
 from model.hardware import peak_flops
 from model.memory import choose
 from model.metrics import MetricsLogger
 from model.optim import build_optimizer, build_scheduler
 from model.profiling import StepProfiler, phase
+from model.shards import TOKENIZER
 from model.staged import data_cache_dir, fetch_dataset, staged_manifest
 from model.state import TrainingState, sharded
 from model.store import StoreError
+from model.tokenizer import Tokenizer
 
 
 @dataclass
@@ -176,18 +179,24 @@ class _ResyncOnExit(contextlib.AbstractContextManager):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, autocast, d: Dist) -> float:
-    """Mean loss over every held-out sequence of every rank (batches may differ in size)."""
+def evaluate(model: nn.Module, batches, autocast, d: Dist, text_bytes: torch.Tensor) -> tuple[float, float]:
+    """(mean loss, bits per byte) over every held-out sequence of every rank (batches may differ in size).
+    Bits per byte leave out the targets that stand for no text (end-of-text): a second pass, with them
+    ignored, gives the nats of the rest."""
     model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        with autocast():
-            loss = model(x, y)
-        total += loss.item() * x.shape[0]
-        count += x.shape[0]
+    total = count = nats = n_bytes = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            text = torch.where(text_bytes[y] > 0, y, -1)
+            with autocast():
+                loss, text_loss = model(x, y), model(x, text)
+            total += loss.item() * x.shape[0]
+            count += x.shape[0]
+            nats += text_loss.item() * int((text != -1).sum())
+            n_bytes += int(text_bytes[y].sum())
     model.train()
-    total, count = _all_reduce_mean([total, count], d)
-    return total / max(count, 1)
+    total, count, nats, n_bytes = _all_reduce_mean([total, count, nats, n_bytes], d)
+    return total / max(count, 1), bits_per_byte(nats, n_bytes)
 
 
 def train(
@@ -262,6 +271,9 @@ def train(
         train_data, spec.global_batch_seqs, t.micro_batch_size, d.rank, d.world_size, t.seed, d.device
     )
     val_batches = eval_batches(val_data, t.eval_batches, t.micro_batch_size, d.rank, d.world_size, d.device)
+    tok = Tokenizer.load(train_data.data_dir / TOKENIZER)
+    bytes_of = text_bytes(tok, m.vocab_size, d.device)
+    tasks = {task_name(task): load_task(task, t.eval_examples) for task in t.evals}
 
     run_id = run_dir.resolve().name
     metrics = MetricsLogger(run_dir, spec, run_id, start_step, enabled=d.main)
@@ -321,8 +333,25 @@ def train(
                 log(rec)
             paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
             if step % t.eval_every == 0 or step == t.steps:
-                last_val = evaluate(model, val_batches, autocast, d)
-                log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0))})
+                last_val, bpb = evaluate(model, val_batches, autocast, d, bytes_of)
+                log(
+                    {
+                        "step": step,
+                        "val_loss": last_val,
+                        "val_ppl": math.exp(min(last_val, 50.0)),
+                        "val_bpb": bpb,
+                    }
+                )
+                if t.samples:  # every rank: a sharded model gathers its weights on all of them
+                    log({"step": step, "samples": samples(raw, tok, t.samples, t.sample_tokens, d.device)})
+            if tasks and (step % (t.evals_every or t.eval_every) == 0 or step == t.steps):
+                scores = {
+                    name: score_task(
+                        model, tok, examples, m.seq_len, d.device, autocast, d.rank, d.world_size
+                    )
+                    for name, examples in tasks.items()
+                }
+                log({"step": step, "evals": scores})
             asked = stop_at is not None and step >= stop_at  # the same on every rank
             if should_stop:  # every step, whatever log_every: a stop is acted on within one step
                 asked = _any_rank(should_stop(), d) or asked

@@ -38,6 +38,7 @@ EPILOG = """examples:
   lmctl resume dev --steps 4000                   train a stopped or finished (WSD) run on to 4000 steps
   lmctl generate dev --prompt "ROMEO:"            sample from the latest checkpoint
   lmctl export dev --hf runs/exports/dev          Hugging Face Llama folder (transformers can load it)
+  lmctl eval dev --task hellaswag --task shakespeare_mc       multiple-choice accuracy of its checkpoint
   lmctl plot dev                                  loss against tokens, as runs/dev/loss.png
   lmctl presets                                   list model presets and their sizes
   lmctl train --config tiny --run-dir runs/dev    train in this process (no Ray), resuming if the run exists
@@ -353,8 +354,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from_datasets, mixture = dataset_flags(args.dataset) if args.dataset else ([], None)
     overrides = [*args.override, *from_datasets]
     overrides += [f"{k}={getattr(args, f)}" for f, k in SOURCE_FLAGS.items() if getattr(args, f) is not None]
+    if args.init_from and args.tokenizer:
+        raise _config_error("--tokenizer with --init-from: the data is staged with the source's tokenizer")
     if args.print_config:
-        print(resolve_spec(args.config, overrides, args.wandb, mixture).to_yaml(), end="")
+        spec = resolve_spec(args.config, overrides, args.wandb, mixture)
+        if args.init_from:
+            from orchestrator.init_source import with_init
+            from orchestrator.runs import runs_root
+
+            spec = with_init(spec, args.init_from, runs_root(args.runs_dir), overrides, cloud=bool(args.gpu))
+        print(spec.to_yaml(), end="")
         return 0
     launched = launch(
         args.config,
@@ -371,6 +380,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         max_cost=args.max_cost,
         confirm=_ask_to_spend(args, "launch"),
         mixture=mixture,
+        init_from=args.init_from,
     )
     name, path, record = launched.name, launched.path, launched.record
     if args.json:
@@ -656,6 +666,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a committed checkpoint on multiple-choice tasks; a local run's metrics.jsonl gets the result."""
+    from orchestrator.runs import read_record
+
+    path = _run_path(args)  # an unknown run is refused before torch is imported
+    record = read_record(path)
+    from model.evals import load_task, score_task, task_name
+    from model.inference import load_trained
+
+    with _unreadable_checkpoints_are_bad_input():
+        trained = load_trained(record.checkpoints, args.step)
+    tasks = args.task or trained.spec.train.evals
+    if not tasks:
+        raise _config_error(
+            f"run {args.run} names no eval tasks (train.evals): give --task, e.g. --task shakespeare_mc"
+        )
+    examples = {task_name(t): load_task(t, args.examples) for t in tasks}  # every task checked first
+    tok, cfg = trained.tokenizer, trained.spec.model
+    scores = {name: score_task(trained.model, tok, ex, cfg.seq_len, "cpu") for name, ex in examples.items()}
+    if record.mode == "local":  # a cloud run's metrics come from its store, where its pods write them
+        from model.metrics import append_record
+
+        append_record(path / "metrics.jsonl", {"step": trained.step, "evals": scores, "by": "lmctl eval"})
+    if args.json:
+        print(json.dumps({"run": args.run, "step": trained.step, "evals": scores}, indent=2))
+        return 0
+    for name, r in scores.items():
+        print(
+            f"{name}: acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f} (chance {r['chance']:.3f}, "
+            f"{r['n']} examples; {args.run} at step {trained.step})"
+        )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     checkpoints = _checkpoints(args)  # an unknown run is refused before torch is imported
     from model.inference import export_run
@@ -810,6 +854,14 @@ def build_parser() -> argparse.ArgumentParser:
         "each is staged once, with the first one's tokenizer",
     )
     _add_source_flags(p.add_argument_group("staging (when --dataset is raw data)"))
+    p.add_argument(
+        "--init-from",
+        metavar="SOURCE",
+        help="continue pretraining from SOURCE's weights: a run (dev, or dev@200 for a committed step), a "
+        "Hugging Face Llama folder (config.json, safetensors, tokenizer.json) or a hub model id. The model's "
+        "shape is SOURCE's (model.seq_len stays the preset's unless overridden) and the data is staged with "
+        "its tokenizer",
+    )
     p.add_argument("--name", help="run name (default: <preset>-<date>-<time>-<random>)")
     p.add_argument(
         "--mode",
@@ -933,6 +985,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="a committed checkpoint step (default: the newest)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        parents=[one_run],
+        help="score a run's checkpoint on multiple-choice tasks",
+        description="Score a committed checkpoint (local or in the store) on multiple-choice tasks by the "
+        "likelihood of each choice, as HellaSwag, ARC and PIQA are scored: acc picks the likeliest choice, "
+        "acc_norm the likeliest per byte. Tasks: hellaswag, arc_easy, arc_challenge, piqa (read from the "
+        "hub), a shipped one (configs/evals: shakespeare_mc), or a .jsonl of {context, choices, label} rows. "
+        "A local run's metrics.jsonl gets the result (status and plot show it).",
+    )
+    p.add_argument("--task", action="append", help="a task (repeatable; default: the run's train.evals)")
+    p.add_argument("--step", type=int, help="a committed checkpoint step (default: the newest)")
+    p.add_argument("--examples", type=positive_int, help="examples per task at most (default: all)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "export",

@@ -264,6 +264,7 @@ def launch(
     max_cost: float | None = None,
     confirm=None,
     mixture: list[dict] | None = None,
+    init_from: str | None = None,
 ) -> Launched:
     """Render runs/<name>/ and (unless dry_run) start it: its driver detached (local) or its SkyPilot job
     (cloud, when `hardware` is given). Raises ConfigError, writing nothing, for any bad input.
@@ -278,6 +279,10 @@ def launch(
         )
     spec = resolve_spec(preset, overrides or [], wandb, mixture)
     root = runs.runs_root(root)
+    if init_from:  # the source's shape and tokenizer, its weights loaded by the workers
+        from orchestrator.init_source import with_init
+
+        spec = with_init(spec, init_from, root, overrides or [], cloud=hardware is not None)
     name = runs.check_name(name) if name is not None else runs.generate_name(preset)
     path = root / name
     exists = ConfigError(f"run {name!r} already exists in {root}: `lmctl resume {name}` continues it")

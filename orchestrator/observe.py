@@ -98,6 +98,13 @@ def run_summary(path: Path) -> dict[str, Any]:
     train = [r for r in metrics if "loss" in r]
     evals = [r for r in metrics if "val_loss" in r]
     ckpts = [r for r in metrics if "checkpoint" in r]
+    tasks = {
+        name: {**score, "step": r["step"]}
+        for r in metrics
+        if "evals" in r
+        for name, score in r["evals"].items()
+    }
+    sampled = [r for r in metrics if "samples" in r]
     last = train[-1] if train else {}
     cfg = {} if record.steps and record.global_batch_tokens else _train_config(path)
     steps = int(record.steps or cfg.get("steps") or 0)
@@ -125,6 +132,9 @@ def run_summary(path: Path) -> dict[str, Any]:
         "grad_norm": last.get("grad_norm"),
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "val_step": evals[-1]["step"] if evals else None,
+        "val_bpb": evals[-1].get("val_bpb") if evals else None,
+        "evals": tasks,  # each task's latest score: acc, acc_norm, chance, n, step
+        "samples": sampled[-1]["samples"] if sampled else {},
         "tokens_per_s": last.get("tokens_per_s"),
         "tokens_by_source": last.get("tokens_by_source"),  # a mixture's sources: tokens drawn from each
         "staging": _staging(path) if state in runs.ACTIVE else None,  # how far its data's staging is
@@ -147,6 +157,14 @@ def run_summary(path: Path) -> dict[str, Any]:
         "path": str(path),
         **backends.of(record).facts(record),  # a cloud run: what it rents, what it has cost so far
     }
+
+
+def _task_text(score: dict[str, Any]) -> str:
+    """'acc 0.795, acc_norm 0.790 (chance 0.250, 200 examples, step 60)'"""
+    return (
+        f"acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} (chance {score['chance']:.3f}, "
+        f"{score['n']} examples, step {score['step']})"
+    )
 
 
 def _staging(path: Path) -> dict[str, Any] | None:
@@ -289,6 +307,9 @@ def status_detail(summary: dict[str, Any]):
         ("step", _step_of(s)),
         ("loss", _num(s["loss"])),
         ("val loss", val),
+        ("val bpb", _num(s["val_bpb"])),
+        *[(f"eval {name}", _task_text(score)) for name, score in s["evals"].items()],
+        *[(f"sample {prompt!r}", repr(text)) for prompt, text in s["samples"].items()],
         ("lr", _num(s["lr"], ".2e")),
         ("tokens", human(s["tokens"] or 0)),
         *[(f"  from {name}", human(n)) for name, n in (s["tokens_by_source"] or {}).items()],  # a mixture
@@ -415,13 +436,18 @@ def dashboard(path: Path):
     facts = Table.grid(padding=(0, 3))
     for _ in range(3):
         facts.add_column(no_wrap=True)
-    facts.add_row(f"loss {_num(s['loss'])}", f"val loss {_num(s['val_loss'])}", f"lr {_num(s['lr'], '.2e')}")
-    facts.add_row(f"tok/s {_rate(s)}", f"mfu {mfu}", f"eta {human_duration(s['eta_s'])}")
     facts.add_row(
-        f"last ckpt {_ckpt(s)}",
-        f"tokens {human(s['tokens'] or 0)}",
-        f"active {human_duration(s['age_s'])} ago",
+        f"loss {_num(s['loss'])}", f"val loss {_num(s['val_loss'])}", f"val bpb {_num(s['val_bpb'])}"
     )
+    facts.add_row(f"tok/s {_rate(s)}", f"mfu {mfu}", f"lr {_num(s['lr'], '.2e')}")
+    facts.add_row(
+        f"tokens {human(s['tokens'] or 0)}", f"eta {human_duration(s['eta_s'])}", f"last ckpt {_ckpt(s)}"
+    )
+    facts.add_row(f"active {human_duration(s['age_s'])} ago", "", "")
+    for name, score in s["evals"].items():
+        facts.add_row(
+            f"eval {name}", f"acc {score['acc']:.3f} (chance {score['chance']:.2f})", f"step {score['step']}"
+        )
 
     parts = [head, *([Text(_staging_text(s["staging"]), style="cyan")] if s["staging"] else []), bar, facts]
     if "gpu" in s:
@@ -503,7 +529,8 @@ def _tmp_png_beside(out: Path) -> tuple[int, str]:
 
 
 def plot(path: Path, out: Path | None = None, logx: bool = False) -> Path:
-    """Train and validation loss against tokens seen, as a PNG (default: <run>/loss.png), written atomically.
+    """Train and validation loss against tokens seen, and the tasks' accuracy when the run scores any, as a
+    PNG (default: <run>/loss.png), written atomically.
 
     Uses the Agg canvas directly rather than pyplot, so it needs no display and changes no global backend.
     """
@@ -519,10 +546,11 @@ def plot(path: Path, out: Path | None = None, logx: bool = False) -> Path:
         raise ConfigError(f"run {name} has no metrics yet")
     per_step = _tokens_per_step(path, train)
     evals = [r for r in metrics if r.get("val_loss") is not None]
+    scored = [r for r in metrics if r.get("evals")]
 
-    fig = Figure(figsize=(8, 5), dpi=100)
+    fig = Figure(figsize=(8, 8 if scored else 5), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax, *task_ax = fig.subplots(2 if scored else 1, 1, squeeze=False)[:, 0]
     ax.plot(
         [r.get("tokens") or r["step"] * per_step for r in train],
         [r["loss"] for r in train],
@@ -545,6 +573,22 @@ def plot(path: Path, out: Path | None = None, logx: bool = False) -> Path:
     ax.set_title(f"{name}: loss")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    if scored:  # the multiple-choice tasks: accuracy against tokens, chance dashed
+        (tax,) = task_ax
+        for task in sorted({t for r in scored for t in r["evals"]}):
+            points = [(r["step"] * per_step, r["evals"][task]) for r in scored if task in r["evals"]]
+            line = tax.plot(
+                [x for x, _ in points], [e["acc"] for _, e in points], "o-", label=task, markersize=4
+            )
+            tax.axhline(points[-1][1]["chance"], linestyle="--", color=line[0].get_color(), alpha=0.5)
+        if logx:
+            tax.set_xscale("log")
+        tax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human(x)))
+        tax.set_xlabel("tokens")
+        tax.set_ylabel("accuracy (dashed: chance)")
+        tax.set_title(f"{name}: tasks")
+        tax.grid(True, alpha=0.3)
+        tax.legend()
     fig.tight_layout()
 
     out = Path(out) if out is not None else path / "loss.png"

@@ -35,7 +35,7 @@ from typing import Any
 
 from model.config import DataConfig
 from model.shards import MANIFEST, TOKENIZER, Manifest, dtype_for_vocab, file_sha256
-from model.store import Store, cache_root, open_store
+from model.store import Store, StoreError, cache_root, open_store
 from model.tokenizer import Tokenizer
 from orchestrator.progress import StageProgress
 from orchestrator.sources import (  # noqa: F401 - StageError and looks_local are asked for here by callers
@@ -222,11 +222,13 @@ def default_work_dir(digest: str) -> Path:
 
 
 def load_given_tokenizer(spec: DataConfig, vocab_size: int | None) -> Tokenizer | None:
+    """None for 'train'; else the tokenizer data.tokenizer names: a tokenizer.json path or store URI, or
+    hf:<folder or hub id> (a Hugging Face model's, as --init-from sets it)."""
     if spec.tokenizer == "train":
         return None
     try:
-        tok = Tokenizer.load(spec.tokenizer)
-    except (ValueError, OSError) as e:  # OSError: a name too long for the filesystem
+        tok = _tokenizer_at(spec.tokenizer)
+    except (ValueError, OSError, StoreError) as e:  # OSError: a name too long for the filesystem
         raise StageError(f"--tokenizer: {one_line(e)} (give a tokenizer.json path, or 'train')") from None
     if vocab_size is not None and vocab_size != tok.vocab_size:
         raise StageError(
@@ -234,6 +236,20 @@ def load_given_tokenizer(spec: DataConfig, vocab_size: int | None) -> Tokenizer 
             "vocab_size applies only to --tokenizer train; leave it out"
         )
     return tok
+
+
+def _tokenizer_at(where: str) -> Tokenizer:
+    if where.startswith("hf:"):
+        from model.import_hf import load_hf_tokenizer
+        from model.init_from import hf_folder
+
+        return load_hf_tokenizer(hf_folder(where))
+    if "://" in where:
+        folder, _, name = where.rpartition("/")
+        local = cache_root() / "tokenizers" / hashlib.sha256(where.encode()).hexdigest()[:16] / name
+        open_store(folder).get_file(name, local)
+        return Tokenizer.load(local)
+    return Tokenizer.load(where)
 
 
 def stage(

@@ -63,6 +63,10 @@ OTHER_VALUE = {
     "data.path": "/elsewhere/staged",
     "wandb.project": "elsewhere",
     "wandb.entity": "me",
+    "train.evals": ["hellaswag", "piqa"],  # a list of text: [a, b] in YAML
+    "train.samples": ["Once upon a time"],
+    "train.evals_every": 7,
+    "train.init_from": "hf:/elsewhere/model",
 }
 
 

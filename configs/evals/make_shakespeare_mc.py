@@ -1,9 +1,11 @@
 """Writes shakespeare_mc.jsonl: a 4-way multiple-choice task made from the shipped corpus.
 
 Each example is two lines of verse or dialogue as the context and the first words of the line that follows
-as the right choice; the three others are the same words shuffled. A model that has learnt how the text
-goes prefers the true order (the smoke run's `tiny` scores well above the 25% of chance); an untrained one
-is at chance. Deterministic (seeded):
+as the right choice; the three others are the same words shuffled. Every word is led by a space, so the
+byte-level pre-tokenizer cuts each choice into the same pieces and any tokenizer gives all four choices
+the same number of tokens: an untrained model, whose likelihood mostly counts tokens, is at the 25% of
+chance, and a model that has learnt how the text goes prefers the true order (the smoke run's `tiny`
+scores well above chance). Deterministic (seeded):
 
     python configs/evals/make_shakespeare_mc.py
 """
@@ -32,9 +34,9 @@ def main() -> None:
     out = []
     for i in rng.sample(usable, EXAMPLES):
         words = lines[i].split()[:WORDS]
-        right, choices = " ".join(words), [" ".join(words)]
+        right, choices = " " + " ".join(words), [" " + " ".join(words)]
         while len(choices) < CHOICES:
-            shuffled = " ".join(rng.sample(words, len(words)))
+            shuffled = " " + " ".join(rng.sample(words, len(words)))
             if shuffled not in choices:
                 choices.append(shuffled)
         rng.shuffle(choices)
