@@ -56,13 +56,21 @@ def test_bits_per_byte_is_the_loss_in_bits_over_the_text_bytes(tiny_tokenizer):
     assert bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
 
 
-def test_a_task_is_at_chance_untrained_and_well_above_it_after_training(tmp_path, tiny_dataset):
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory) -> Path:
+    """tiny, 60 steps on the shipped corpus, evaluated (val, shakespeare_mc, samples) at 30 and 60."""
+    data, _ = tiny_dataset
+    run = tmp_path_factory.mktemp("trained")
+    overrides = [f"data.path={data}", "train.steps=60", "train.eval_every=30", "train.log_every=30"]
+    train(resolve("tiny", overrides), run)
+    return run
+
+
+def test_a_task_is_at_chance_untrained_and_well_above_it_after_training(trained, tiny_dataset):
     """The shipped task through the training loop: scored at evaluations into metrics.jsonl with val bits per
     byte and samples, at chance before the first step and well above it 60 steps later."""
     data, _ = tiny_dataset
-    spec = resolve(
-        "tiny", [f"data.path={data}", "train.steps=60", "train.eval_every=30", "train.log_every=30"]
-    )
+    spec = resolve("tiny", [f"data.path={data}"])
     assert spec.train.evals == ["shakespeare_mc"] and spec.train.samples
     tok = Tokenizer.load(Path(data) / "tokenizer.json")
     examples = load_task("shakespeare_mc")
@@ -70,8 +78,7 @@ def test_a_task_is_at_chance_untrained_and_well_above_it_after_training(tmp_path
     untrained = score_task(Decoder(spec.model), tok, examples, spec.model.seq_len, "cpu")
     assert untrained["chance"] == 0.25 and 0.15 <= untrained["acc"] <= 0.35, untrained
 
-    train(spec, tmp_path)
-    metrics = read_metrics(tmp_path / "metrics.jsonl")
+    metrics = read_metrics(trained / "metrics.jsonl")
     scored = [r for r in metrics if "evals" in r]
     assert [r["step"] for r in scored] == [30, 60]
     final = scored[-1]["evals"]["shakespeare_mc"]
@@ -81,6 +88,38 @@ def test_a_task_is_at_chance_untrained_and_well_above_it_after_training(tmp_path
     assert vals[-1]["val_bpb"] < vals[0]["val_bpb"]
     (sampled,) = [r["samples"] for r in metrics if "samples" in r and r["step"] == 60]
     assert set(sampled) == set(spec.train.samples) and all(isinstance(t, str) for t in sampled.values())
+
+
+def test_lmctl_eval_scores_a_checkpoint_and_status_and_plot_show_it(trained, tmp_path, capsys):
+    """`lmctl eval` on a local run's committed checkpoint: the same score as in training at that step, added
+    to metrics.jsonl, shown by status (with bits per byte and the samples) and drawn by plot."""
+    import shutil
+
+    from orchestrator import observe, runs
+    from orchestrator.cli import main
+
+    root = tmp_path / "runs"
+    shutil.copytree(trained, root / "dev")
+    record = runs.new_record("dev", "local", "finished", "tiny", "", 1, resolve("tiny"))
+    record.checkpoints = str(root / "dev" / "checkpoints")
+    runs.write_record(root / "dev", record)
+    in_training = [r["evals"] for r in read_metrics(trained / "metrics.jsonl") if "evals" in r][-1]
+
+    assert main(["eval", "dev", "--runs-dir", str(root), "--step", "60", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 60 and out["evals"] == in_training
+    assert read_metrics(root / "dev" / "metrics.jsonl")[-1]["by"] == "lmctl eval"
+
+    s = observe.run_summary(root / "dev")
+    assert s["evals"]["shakespeare_mc"]["step"] == 60 and s["val_bpb"] > 0 and s["samples"]
+    assert main(["status", "dev", "--runs-dir", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "val bpb" in text and "eval shakespeare_mc" in text and "sample 'ROMEO:'" in text
+    png = observe.plot(root / "dev", tmp_path / "loss.png")
+    assert png.stat().st_size > 10_000
+
+    assert main(["eval", "dev", "--runs-dir", str(root), "--task", "nope"]) == 2
+    assert "not a known task" in capsys.readouterr().err
 
 
 def test_ranks_split_the_examples_and_add_up(tiny_tokenizer):
