@@ -185,15 +185,14 @@ def evaluate(model: nn.Module, batches, autocast, d: Dist, text_bytes: torch.Ten
     ignored, gives the nats of the rest."""
     model.eval()
     total = count = nats = n_bytes = 0.0
-    with torch.no_grad():
-        for x, y in batches:
-            text = torch.where(text_bytes[y] > 0, y, -1)
-            with autocast():
-                loss, text_loss = model(x, y), model(x, text)
-            total += loss.item() * x.shape[0]
-            count += x.shape[0]
-            nats += text_loss.item() * int((text != -1).sum())
-            n_bytes += int(text_bytes[y].sum())
+    for x, y in batches:
+        text = torch.where(text_bytes[y] > 0, y, -1)
+        with autocast():
+            loss, text_loss = model(x, y), model(x, text)
+        total += loss.item() * x.shape[0]
+        count += x.shape[0]
+        nats += text_loss.item() * int((text != -1).sum())
+        n_bytes += int(text_bytes[y].sum())
     model.train()
     total, count, nats, n_bytes = _all_reduce_mean([total, count, nats, n_bytes], d)
     return total / max(count, 1), bits_per_byte(nats, n_bytes)

@@ -26,6 +26,7 @@ class LocalBackend:
     rents = False  # --gpu and friends do not apply
     ctrl_c_stops = True  # `--foreground`: Ctrl-C stops the run (a checkpoint first)
     shows_log = True  # `attach` shows the log's tail
+    owns_metrics = True  # runs/<name>/metrics.jsonl is the run's own: `lmctl eval` may add to it
     poll_s = 0.2  # how often `stop` looks whether it has ended (a /proc read)
     ends = "killed"  # what cancel() does to it
 
@@ -93,6 +94,7 @@ class SkyPilotBackend:
     rents = True
     ctrl_c_stops = False  # `--foreground` follows SkyPilot's log; Ctrl-C leaves it, the job goes on
     shows_log = False  # a cloud run's log is SkyPilot's: lmctl logs <run>
+    owns_metrics = False  # metrics.jsonl here is a copy of the store's, which the pods write
     poll_s = 5.0  # a SkyPilot call
     ends = "cancelled"
 

@@ -685,7 +685,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = {task_name(t): load_task(t, args.examples) for t in tasks}  # every task checked first
     tok, cfg = trained.tokenizer, trained.spec.model
     scores = {name: score_task(trained.model, tok, ex, cfg.seq_len, "cpu") for name, ex in examples.items()}
-    if record.mode == "local":  # a cloud run's metrics come from its store, where its pods write them
+    from orchestrator import backends
+
+    if backends.of(record).owns_metrics:  # a cloud run's come from its store, where its pods write them
         from model.metrics import append_record
 
         append_record(path / "metrics.jsonl", {"step": trained.step, "evals": scores, "by": "lmctl eval"})
