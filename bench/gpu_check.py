@@ -18,6 +18,7 @@ and records its figures as it goes, so a stage cut short still reports what it m
   resume      train() on CUDA at the 1b width (2 layers): stop, resume, losses against an uninterrupted run
   stall       the checkpoint stall as train() sees it (file:// store), per save and per step
   pytest      the CUDA tests: pytest -m gpu
+  generate    greedy generation of 124m and 1b in bf16 with and without the KV cache (bench.generate_speed)
 
 Results: bench/results/gpu_check.json (and $OUT/gpu_check.json when OUT is set); a summary is printed last.
 """
@@ -51,6 +52,7 @@ STAGES: list[tuple[str, int]] = [
     ("pytest", 90),
     ("resume", 100),
     ("stall", 60),
+    ("generate", 60),
 ]
 # 1b throughput variants: (activation checkpointing, micro-batch, compiled, precision), most telling first:
 # the plan's choice for an H200 and for an 80 GB H100, then the alternatives
@@ -801,6 +803,20 @@ def stage_stall(args, rec: Recorder) -> None:
         rec["stall_per_save_s"] = (b["excess_s"] - a["excess_s"]) / 2  # saves at 4 and 8 fall inside the log
 
 
+def stage_generate(args, rec: Recorder) -> None:
+    import torch
+
+    from bench.generate_speed import measure
+    from model.config import resolve
+
+    dev = _device(args)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    for name, new_tokens in [("tiny", 32)] if args.small else [("124m", 256), ("1b", 256)]:
+        cfg = resolve(name).model
+        attempt(rec, name, lambda cfg=cfg, n=new_tokens: measure(cfg, dev, dtype, new_tokens=n, reps=3))
+        _free_cuda()
+
+
 def stage_pytest(args, rec: Recorder) -> None:
     # A bare GPU box may lack the cloud side (sky, moto): the modules it cannot import are reported, not fatal
     cmd = [
@@ -840,6 +856,7 @@ STAGE_FUNCS = {
     "resume": stage_resume,
     "stall": stage_stall,
     "pytest": stage_pytest,
+    "generate": stage_generate,
 }
 
 
@@ -978,6 +995,13 @@ def summary(results: dict) -> None:
             f"(median step {stall['no_saves']['median_step_s']:.3f} s, "
             f"{stall.get('store_bytes_kept', 0) / 1e9:.1f} GB kept)"
         )
+    for name, r in st.get("generate", {}).items():
+        if isinstance(r, dict) and r.get("ok"):
+            print(
+                f"generate {name} {r['dtype']}: cached {r['cached']['tokens_per_s']:.0f} tok/s, uncached "
+                f"{r['uncached']['tokens_per_s']:.0f} tok/s ({r['cached_vs_uncached']:.2f}x), first token "
+                f"{r['cached']['ttft_ms']:.1f} ms"
+            )
     if "summary" in st.get("pytest", {}):
         print("pytest: " + " | ".join(st["pytest"]["summary"][-8:]))
 
