@@ -29,11 +29,22 @@ def split_checkpoint(source: str) -> tuple[str, int]:
 
 
 def hf_folder(source: str) -> Path:
-    """The local folder of an hf: source; a hub id is downloaded once into the hub's cache (weights,
+    """The local folder of an hf: source: a folder as it is; a folder in a store (a cloud run's upload of a
+    local one) fetched, verified, into the cache; a hub id downloaded once into the hub's cache (weights,
     config.json and tokenizer files only)."""
     name = source.removeprefix(HF)
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
+    if "://" in name:
+        import hashlib
+
+        from model.store import cache_root, open_store
+
+        store = open_store(name)
+        local = cache_root() / "init" / hashlib.sha256(name.encode()).hexdigest()[:16]
+        for key in store.list():
+            store.get_file(key, local / key)
+        return local
     from huggingface_hub import snapshot_download
 
     try:

@@ -105,15 +105,16 @@ class SkyPilotBackend:
         from model.config import load_spec
         from model.store import StoreError, open_store
         from orchestrator import cloud
+        from orchestrator.init_source import upload_folder
         from orchestrator.stage import StageError, pin_revisions, stage_for_run, stages_in_the_cloud
 
         record = runs.read_record(path)
         try:
-            spec = load_spec(path / runs.CONFIG)
-            if stages_in_the_cloud(spec):  # the run's nodes stage it, next to the hub and the bucket
-                spec = pin_revisions(spec)
-                spec.write(path)
-            else:
+            spec = upload_folder(load_spec(path / runs.CONFIG), record.store, record.name)  # --init-from DIR
+            on_nodes = stages_in_the_cloud(spec)  # the run's nodes stage it, next to the hub and the bucket
+            spec = pin_revisions(spec) if on_nodes else spec
+            spec.write(path)
+            if not on_nodes:
                 with contextlib.redirect_stdout(sys.stderr):  # stdout is for results (--json)
                     spec = stage_for_run(spec, record, path, progress=True)
             open_store(record.store).put_file(path / runs.CONFIG, runs.store_key(record.name, runs.CONFIG))

@@ -48,13 +48,11 @@ def _resolve(source: str, root: Path, cloud: bool) -> tuple[str, str]:
     name, _, step = source.partition("@")
     if (root / name / runs.RUN_RECORD).is_file():
         return _run_source(runs.read_record(root / name), step, cloud)
-    if Path(source).expanduser().is_dir():
-        if cloud:
-            raise ConfigError(
-                f"--init-from {source}: a folder on this machine does not reach the cloud's nodes; push it "
-                "to the Hugging Face hub and give its id, or train it locally (--mode local)"
-            )
+    if Path(source).expanduser().is_dir():  # a cloud run's launch uploads it to its store (upload_folder)
+        from model.import_hf import load_hf_tokenizer
+
         folder = Path(source).expanduser().resolve()
+        load_hf_tokenizer(folder)  # a tokenizer the data cannot be staged with fails here, not on a pod
         return f"{HF}{folder}", f"{HF}{folder}"
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return f"{HF}{source}", f"{HF}{source}"
@@ -84,3 +82,26 @@ def _run_source(record, step: str, cloud: bool) -> tuple[str, str]:
     _, meta = ckpt.load(chosen, keys=[])
     data = meta["data"]["path"]
     return f"{record.checkpoints}@{chosen}", f"{data.rstrip('/')}/tokenizer.json"
+
+
+def upload_folder(spec: RunSpec, store_uri: str, name: str) -> RunSpec:
+    """A cloud run started from a Hugging Face folder on this machine: its files (config.json, safetensors,
+    tokenizer.json) put in the run's store at runs/<name>/init/, where the pods read them (each upload
+    verified); train.init_from and data.tokenizer then name that copy."""
+    from model.store import open_store
+    from orchestrator import runs
+
+    source = spec.train.init_from or ""
+    folder = Path(source.removeprefix(HF))
+    if not source.startswith(HF) or not folder.is_dir():
+        return spec
+    prefix = runs.store_key(name, "init")
+    store = open_store(store_uri)
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".json", ".safetensors") and path.is_file():
+            store.put_file(path, f"{prefix}/{path.name}")
+    tokenizer = {"tokenizer": f"{store.url(prefix)}/tokenizer.json"} if spec.data.tokenizer == source else {}
+    init = {"init_from": f"{HF}{store.url(prefix)}"}
+    return spec.model_copy(
+        update={"data": spec.data.model_copy(update=tokenizer), "train": spec.train.model_copy(update=init)}
+    )

@@ -81,7 +81,6 @@ def test_what_cannot_work_is_refused_in_one_line(source, tiny_dataset, tmp_path)
     cases = [
         ("nowhere/at/all", [], False, "not a run in"),
         (str(hf), ["model.n_layers=6"], False, "only model.seq_len may be set"),
-        (str(hf), [], True, "does not reach the cloud's nodes"),
     ]
     for src, overrides, cloud, says in cases:
         with pytest.raises(ConfigError, match=says) as e:
@@ -117,3 +116,30 @@ def test_launch_print_config_shows_the_source_s_shape(source, tmp_path):
         text=True,
     )
     assert refused.returncode == 2 and "staged with the source's tokenizer" in refused.stderr
+
+
+def test_a_cloud_run_from_a_folder_here_reads_its_copy_in_the_store(source, tmp_path, s3_bucket, monkeypatch):
+    """A Hugging Face folder on this machine reaches a cloud run's pods through the run's store: the launch
+    puts its files at runs/<name>/init/ (upload_folder), and the weights and tokenizer read back from there
+    are the folder's."""
+    import torch
+
+    from model.init_from import initial_state
+    from model.store import open_store
+    from orchestrator.init_source import upload_folder
+    from orchestrator.stage import load_given_tokenizer
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)
+    monkeypatch.setenv("LMCTL_CACHE", str(tmp_path / "cache"))
+    hf = export_run(source / "checkpoints", tmp_path / "hf")
+    local = with_init(resolve("tiny"), str(hf), tmp_path, [], True)
+    pods = upload_folder(local, s3_bucket.uri, "cont")
+    copy = f"{s3_bucket.uri}/runs/cont/init"
+    assert pods.train.init_from == f"hf:{copy}" and pods.data.tokenizer == f"{copy}/tokenizer.json"
+    assert set(open_store(copy).list()) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    want, got = (
+        initial_state(local.train.init_from, local.model),
+        initial_state(pods.train.init_from, pods.model),
+    )
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert load_given_tokenizer(pods.data, None).sha256 == load_given_tokenizer(local.data, None).sha256
