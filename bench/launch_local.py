@@ -482,8 +482,9 @@ def untrained_tasks(path: Path) -> dict[str, Any]:
 
     from model.config import load_spec
     from model.decoder import Decoder
-    from model.evals import load_task, score_task, task_name
+    from model.evals import score_task
     from model.staged import fetch_tokenizer
+    from model.tasks import load_task, task_name
     from model.tokenizer import Tokenizer
 
     spec = load_spec(path / "config.yaml")

@@ -31,7 +31,7 @@ from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resol
 from model.data import BatchLoader, Mixture, TokenDataset, eval_batches
 from model.decoder import Decoder
 from model.errors import positive_int
-from model.evals import bits_per_byte, load_task, samples, score_task, task_name, text_bytes
+from model.evals import bits_per_byte, samples, score_task, text_bytes
 from model.faults import fault_point
 from model.hardware import peak_flops
 from model.memory import choose
@@ -42,6 +42,7 @@ from model.shards import TOKENIZER
 from model.staged import data_cache_dir, fetch_dataset, staged_manifest
 from model.state import TrainingState, sharded
 from model.store import StoreError
+from model.tasks import load_task, task_name
 from model.tokenizer import Tokenizer
 
 

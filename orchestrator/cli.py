@@ -672,8 +672,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = _run_path(args)  # an unknown run is refused before torch is imported
     record = read_record(path)
-    from model.evals import load_task, score_task, task_name
+    from model.evals import score_task
     from model.inference import load_trained
+    from model.tasks import load_task, task_name
 
     with _unreadable_checkpoints_are_bad_input():
         trained = load_trained(record.checkpoints, args.step)

@@ -201,6 +201,10 @@ def _check_inputs(spec: RunSpec, workers: int, store: str) -> None:
     if not 1 <= workers <= 1024:
         raise ConfigError(f"--workers {workers}: must be between 1 and 1024")
     spec.grad_accum_steps(workers)
+    from model.tasks import task_file
+
+    for task in spec.train.evals:  # a known task or a file that exists: a typo fails here, not on a worker
+        task_file(task)
     try:
         open_store(store)
     except (StoreError, ValueError) as e:

@@ -14,17 +14,9 @@ import torch
 
 from model.config import ConfigError, resolve
 from model.decoder import Decoder
-from model.evals import (
-    HUB_TASKS,
-    Example,
-    _arc,
-    _piqa,
-    bits_per_byte,
-    load_task,
-    score_task,
-    text_bytes,
-)
+from model.evals import bits_per_byte, score_task, text_bytes
 from model.metrics import read_metrics
+from model.tasks import HUB_TASKS, Example, _arc, _piqa, load_task
 from model.tokenizer import Tokenizer
 from model.train import evaluate, setup_distributed, train
 
@@ -182,3 +174,11 @@ def test_hellaswag_is_read_from_the_hub_through_datasets(tmp_path):
     with FakeHub(tmp_path / "hub") as endpoint, use_endpoint(endpoint, home=tmp_path / "hf"):
         examples = load_task("hellaswag", limit=1)
     assert examples == [Example("A man sits down. He", (" eats.", " flies."), 0)]
+
+
+def test_a_launch_refuses_an_unknown_task_before_writing_anything(tmp_path):
+    from orchestrator.launch import launch
+
+    with pytest.raises(ConfigError, match="eval task 'hellaswg' is not a known task"):
+        launch("tiny", ["train.evals=[hellaswg]"], name="typo", root=tmp_path, dry_run=True)
+    assert not (tmp_path / "typo").exists()
