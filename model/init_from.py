@@ -28,14 +28,20 @@ def split_checkpoint(source: str) -> tuple[str, int]:
     return where, int(step)
 
 
-def hf_folder(source: str) -> Path:
+def hf_folder(source: str, weights: bool = True) -> Path:
     """The local folder of an hf: source: a folder as it is; a folder in a store (a cloud run's upload of a
-    local one) fetched, verified, into the cache; a hub id downloaded once into the hub's cache (weights,
-    config.json and tokenizer files only)."""
+    local one) fetched, verified, into the cache; a hub id downloaded into the hub's cache. Only config.json
+    and the tokenizer files without `weights` (what staging and the shape need): no gigabytes for those."""
     name = source.removeprefix(HF)
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
+    patterns = [
+        "config.json",
+        "tokenizer*.json",
+        *(["*.safetensors", "model.safetensors.index.json"] * weights),
+    ]
     if "://" in name:
+        import fnmatch
         import hashlib
 
         from model.store import cache_root, open_store
@@ -43,12 +49,12 @@ def hf_folder(source: str) -> Path:
         store = open_store(name)
         local = cache_root() / "init" / hashlib.sha256(name.encode()).hexdigest()[:16]
         for key in store.list():
-            store.get_file(key, local / key)
+            if any(fnmatch.fnmatch(key, p) for p in patterns):
+                store.get_file(key, local / key)
         return local
     from huggingface_hub import snapshot_download
 
     try:
-        patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*.json"]
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:
         why = " ".join(str(e).split())[:300]
@@ -62,7 +68,7 @@ def source_config(source: str) -> ModelConfig:
     if source.startswith(HF):
         from model.import_hf import read_hf_config
 
-        return read_hf_config(hf_folder(source))
+        return read_hf_config(hf_folder(source, weights=False))
     from model.checkpoint import Checkpointer
 
     where, step = split_checkpoint(source)

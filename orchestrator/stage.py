@@ -243,7 +243,7 @@ def _tokenizer_at(where: str) -> Tokenizer:
         from model.import_hf import load_hf_tokenizer
         from model.init_from import hf_folder
 
-        return load_hf_tokenizer(hf_folder(where))
+        return load_hf_tokenizer(hf_folder(where, weights=False))
     if "://" in where:
         folder, _, name = where.rpartition("/")
         local = cache_root() / "tokenizers" / hashlib.sha256(where.encode()).hexdigest()[:16] / name
