@@ -27,6 +27,7 @@ def with_init(spec: RunSpec, source: str, root: Path, overrides: list[str], clou
             "may be set"
         )
     init, tokenizer = _resolve(source, root, cloud)
+    _same_tokenizer_as_staged(spec, source, tokenizer)
     from model.init_from import source_config
 
     model = source_config(init).model_copy(update={"seq_len": spec.model.seq_len})
@@ -39,6 +40,24 @@ def with_init(spec: RunSpec, source: str, root: Path, overrides: list[str], clou
             "train": {**spec.train.model_dump(), "init_from": init},
         }
     )
+
+
+def _same_tokenizer_as_staged(spec: RunSpec, source: str, tokenizer: str) -> None:
+    """Data already staged (--dataset <its URI>) must have been tokenized by SOURCE's tokenizer: the same ids
+    mean the same text to the model it continues."""
+    staged = [p for p in [spec.data.path, *(s.path for s in spec.data.mixture)] if p]
+    if not staged:
+        return
+    from model.staged import staged_manifest
+    from orchestrator.stage import load_given_tokenizer
+
+    want = load_given_tokenizer(spec.data.model_copy(update={"tokenizer": tokenizer}), None).sha256
+    for path in staged:
+        if staged_manifest(path).tokenizer_sha256 != want:
+            raise ConfigError(
+                f"--init-from {source}: the staged dataset {path} was tokenized by another tokenizer than "
+                "the source's; give the raw dataset (it is staged with the source's tokenizer)"
+            )
 
 
 def _resolve(source: str, root: Path, cloud: bool) -> tuple[str, str]:

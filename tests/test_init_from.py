@@ -86,6 +86,9 @@ def test_what_cannot_work_is_refused_in_one_line(source, tiny_dataset, tmp_path)
         with pytest.raises(ConfigError, match=says) as e:
             with_init(resolve("tiny", overrides), src, tmp_path, overrides, cloud)
         assert "\n" not in str(e.value)
+    other_tokenizer = resolve("tiny", [f"data.path={other_data(tmp_path)}"])
+    with pytest.raises(ConfigError, match="was tokenized by another tokenizer than the source's"):
+        with_init(other_tokenizer, str(hf), tmp_path, [], False)
     hand_edited = ["model.n_layers=2", f"train.init_from=hf:{hf}", f"data.path={tiny_dataset[0]}"]
     other = resolve("tiny", hand_edited)
     with pytest.raises(ConfigError, match="another model shape: n_layers 4 \\(run: 2\\)"):
@@ -143,3 +146,14 @@ def test_a_cloud_run_from_a_folder_here_reads_its_copy_in_the_store(source, tmp_
     )
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert load_given_tokenizer(pods.data, None).sha256 == load_given_tokenizer(local.data, None).sha256
+
+
+def other_data(tmp_path: Path) -> Path:
+    """A dataset staged with a tokenizer of its own (not the source run's)."""
+    from model.config import DEFAULT_CORPUS
+    from model.shards import prepare_dataset, read_jsonl_texts
+    from model.tokenizer import Tokenizer
+
+    texts = list(read_jsonl_texts(DEFAULT_CORPUS))[:2]
+    prepare_dataset(texts, Tokenizer.train(texts, 600), tmp_path / "other", 50_000, 0.1, dataset="other")
+    return tmp_path / "other"
