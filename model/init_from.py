@@ -35,11 +35,9 @@ def hf_folder(source: str, weights: bool = True) -> Path:
     name = source.removeprefix(HF)
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
-    patterns = [
-        "config.json",
-        "tokenizer*.json",
-        *(["*.safetensors", "model.safetensors.index.json"] * weights),
-    ]
+    patterns = ["config.json", "tokenizer*.json"]
+    if weights:
+        patterns += ["*.safetensors", "model.safetensors.index.json"]
     if "://" in name:
         import fnmatch
         import hashlib

@@ -221,6 +221,17 @@ def default_work_dir(digest: str) -> Path:
     return cache_root() / "stage" / digest
 
 
+def trained_vocab(vocab_size: int | None) -> int:
+    """The vocabulary a trained tokenizer gets: --vocab-size, checked, or DEFAULT_VOCAB."""
+    vocab_size = DEFAULT_VOCAB if vocab_size is None else vocab_size
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise StageError(
+            f"--vocab-size {vocab_size} is out of range: use {MIN_VOCAB} (256 bytes + end-of-text) "
+            f"to {MAX_VOCAB}"
+        )
+    return vocab_size
+
+
 def load_given_tokenizer(spec: DataConfig, vocab_size: int | None) -> Tokenizer | None:
     """None for 'train'; else the tokenizer data.tokenizer names: a tokenizer.json path or store URI, or
     hf:<folder or hub id> (a Hugging Face model's, as --init-from sets it)."""
@@ -276,12 +287,7 @@ def stage(
     spec = spec if isinstance(spec, DataConfig) else DataConfig.model_validate(dict(spec))
     given = load_given_tokenizer(spec, vocab_size)
     if given is None:
-        vocab_size = DEFAULT_VOCAB if vocab_size is None else vocab_size
-        if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
-            raise StageError(
-                f"--vocab-size {vocab_size} is out of range: use {MIN_VOCAB} (256 bytes + end-of-text) "
-                f"to {MAX_VOCAB}"
-            )
+        vocab_size = trained_vocab(vocab_size)
     if sample_chars <= 0:
         raise StageError(f"the tokenizer sample must be positive, got {sample_chars} characters")
     store = open_store(store_uri, endpoint_url)

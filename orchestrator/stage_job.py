@@ -28,14 +28,12 @@ def submit(
     from orchestrator import cloud
     from orchestrator.render import render_stage_task
     from orchestrator.stage import (
-        DEFAULT_VOCAB,
-        MAX_VOCAB,
-        MIN_VOCAB,
         committed,
         content_hash,
         looks_local,
         resolve_source,
         tokenizer_recipe,
+        trained_vocab,
     )
 
     if looks_local(spec.dataset):
@@ -52,9 +50,7 @@ def submit(
             "--cloud trains the tokenizer on the job (--tokenizer train); a tokenizer.json on this machine "
             "cannot reach it: stage without --cloud, or leave out --tokenizer"
         )
-    vocab = DEFAULT_VOCAB if vocab_size is None else vocab_size
-    if not MIN_VOCAB <= vocab <= MAX_VOCAB:
-        raise ConfigError(f"--vocab-size {vocab} is out of range: use {MIN_VOCAB} to {MAX_VOCAB}")
+    vocab = trained_vocab(vocab_size)  # a StageError: the CLI says it in one line
     store = open_store(store_uri)
     store.check()
     source = resolve_source(spec)  # the revision pinned to its commit: one hub API call, no data read
