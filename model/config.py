@@ -101,7 +101,24 @@ class TrainConfig(_Strict):
     eval_examples: int = Field(500, gt=0, le=10**6, description="examples per task at most")
     samples: list[str] = Field([], description="prompts continued greedily at evaluations (log, metrics)")
     sample_tokens: int = Field(32, gt=0, le=1024, description="new tokens per sample")
-    checkpoint_every: int = Field(100, gt=0)
+    checkpoint_every: int | Literal["auto"] = Field(
+        100,
+        description="steps between checkpoints, or auto: Young/Daly's interval sqrt(2 C M) from the "
+        "checkpoint's measured cost C and train.mtbf_hours M (model/checkpoint_interval.py); a cloud launch "
+        "chooses auto unless told a number",
+    )
+    mtbf_hours: float | None = Field(
+        None,
+        gt=0,
+        description="checkpoint_every=auto: the run's expected hours between interruptions, all nodes "
+        "together (lmctl launch sets it from configs/pricing/preemption.yaml)",
+    )
+    checkpoint_cost_s: float | None = Field(
+        None,
+        ge=0,
+        description="checkpoint_every=auto: the seconds a checkpoint is expected to take until the run has "
+        "measured its first (lmctl launch sets it from the state's size and the store's assumed bandwidth)",
+    )
     keep_checkpoints: int = Field(3, gt=0, le=1000)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA")
     compile: bool = False
@@ -118,6 +135,22 @@ class TrainConfig(_Strict):
         description="first weights of a new run (model/init_from.py): <checkpoints>@<step> of another run, "
         "or hf:<folder or hub id>; lmctl launch --init-from sets it",
     )
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _steps_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"{value!r}: give a number of steps > 0, or auto")
+
+    @model_validator(mode="after")
+    def _auto_interval_needs_a_rate(self) -> TrainConfig:
+        if self.checkpoint_every == "auto" and self.mtbf_hours is None:
+            raise ValueError(
+                "train.checkpoint_every=auto needs train.mtbf_hours, the run's hours between interruptions "
+                "(a cloud launch sets it from configs/pricing/preemption.yaml); or give a number of steps"
+            )
+        return self
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod

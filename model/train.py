@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from model.checkpoint import CheckpointError
+from model.checkpoint_interval import AutoCheckpoints
 from model.config import ConfigError, RunSpec, flops_per_token, load_spec, resolve
 from model.data import BatchLoader, Mixture, TokenDataset, eval_batches
 from model.decoder import Decoder
@@ -43,6 +44,7 @@ from model.staged import data_cache_dir, fetch_dataset, staged_manifest
 from model.state import TrainingState, sharded
 from model.store import StoreError
 from model.tasks import load_task, task_name
+from model.timeline import Clock
 from model.tokenizer import Tokenizer
 
 
@@ -209,6 +211,7 @@ def train(
     on_log: Callable[[dict], None] | None = None,
     checkpoints: str | Path | None = None,
     profile_steps: int = 0,
+    launch: dict | None = None,
 ) -> TrainResult:
     """Train `spec` in `run_dir`, resuming from its newest committed checkpoint.
 
@@ -220,8 +223,10 @@ def train(
         s3://bucket/runs/<run>/checkpoints keeps them off the (maybe ephemeral) local disk.
     profile_steps: profile that many steps (after two warm-up steps) into run_dir/profile, then stop
         (model/profiling.py); rank 0 only.
+    launch: {"began": unix time its driver started, "staging_s": seconds it staged data} for the timeline
+        (model/timeline.py); default: this call began it and staged nothing.
     """
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     run_dir = Path(run_dir)
     t, m = spec.train, spec.model
     if not spec.data.path:
@@ -259,6 +264,8 @@ def train(
 
     def checkpointed(s: int, seconds: float) -> None:  # metrics exists before any save
         metrics.log({"step": s, "checkpoint": s, "checkpoint_s": round(seconds, 3)})
+        if auto:
+            auto.committed(seconds)
 
     checkpoints = run_dir / "checkpoints" if checkpoints is None else checkpoints
     state = TrainingState(checkpoints, spec, raw, opt, d, train_data.manifest.tokenizer_sha256, checkpointed)
@@ -279,6 +286,10 @@ def train(
     metrics = MetricsLogger(run_dir, spec, run_id, start_step, enabled=d.main)
     peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
     fpt = flops_per_token(m)
+    clock = Clock(run_dir, d.main, **({"began": began} | (launch or {})))
+    auto = AutoCheckpoints(t.mtbf_hours * 3600, t.checkpoint_cost_s) if t.checkpoint_every == "auto" else None
+    if auto:
+        auto.last_save = start_step
 
     def log(rec: dict) -> None:
         metrics.log(rec)
@@ -295,6 +306,7 @@ def train(
     step = start_step
     tick, tick_step = time.perf_counter(), start_step
     model.train()
+    clock.start(start_step, start_step * t.global_batch_tokens)
     try:
         while step < t.steps:
             step_began = time.perf_counter()
@@ -331,27 +343,33 @@ def train(
                     }
                 last_loss = loss_val
                 log(rec)
+                clock.tick(step, rec["tokens"])
+                if auto:
+                    choose_interval(auto, step, t.global_batch_tokens / max(tok_s, 1e-9), d, clock)
             paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
-            if step % t.eval_every == 0 or step == t.steps:
-                last_val, bpb = evaluate(model, val_batches, autocast, d, bytes_of)
-                log(
-                    {
-                        "step": step,
-                        "val_loss": last_val,
-                        "val_ppl": math.exp(min(last_val, 50.0)),
-                        "val_bpb": bpb,
-                    }
-                )
-                if t.samples:  # every rank: a sharded model gathers its weights on all of them
-                    log({"step": step, "samples": samples(raw, tok, t.samples, t.sample_tokens, d.device)})
-            if tasks and (step % (t.evals_every or t.eval_every) == 0 or step == t.steps):
-                scores = {
-                    name: score_task(
-                        model, tok, examples, m.seq_len, d.device, autocast, d.rank, d.world_size
+            with clock.phase("evaluating"):
+                if step % t.eval_every == 0 or step == t.steps:
+                    last_val, bpb = evaluate(model, val_batches, autocast, d, bytes_of)
+                    log(
+                        {
+                            "step": step,
+                            "val_loss": last_val,
+                            "val_ppl": math.exp(min(last_val, 50.0)),
+                            "val_bpb": bpb,
+                        }
                     )
-                    for name, examples in tasks.items()
-                }
-                log({"step": step, "evals": scores})
+                    if t.samples:  # every rank: a sharded model gathers its weights on all of them
+                        log(
+                            {"step": step, "samples": samples(raw, tok, t.samples, t.sample_tokens, d.device)}
+                        )
+                if tasks and (step % (t.evals_every or t.eval_every) == 0 or step == t.steps):
+                    scores = {
+                        name: score_task(
+                            model, tok, examples, m.seq_len, d.device, autocast, d.rank, d.world_size
+                        )
+                        for name, examples in tasks.items()
+                    }
+                    log({"step": step, "evals": scores})
             asked = stop_at is not None and step >= stop_at  # the same on every rank
             if should_stop:  # every step, whatever log_every: a stop is acted on within one step
                 asked = _any_rank(should_stop(), d) or asked
@@ -360,17 +378,48 @@ def train(
                 log({"step": step, "stop": "requested", "step_s": round(paused - step_began, 3)})
             # At most one save is in flight (the next waits for it), and training goes on while it uploads:
             # a crash redoes the steps since the newest commit, fewer than two checkpoint intervals.
-            if step % t.checkpoint_every == 0 or step == t.steps or stop_requested:
-                state.save(step)
+            due = auto.due(step) if auto else step % t.checkpoint_every == 0
+            if due or step == t.steps or stop_requested:
+                with clock.phase("checkpointing"):
+                    state.save(step)
+                if auto:
+                    auto.saved(step)
             tick += time.perf_counter() - paused
             if stop_requested:
                 break
+        with clock.phase("checkpointing"):
+            state.close()  # the last upload: a run ends once its last step is committed
+        clock.end(step, step * t.global_batch_tokens, stopped=stop_requested)
     finally:
         try:
             state.close()  # re-raises a failed async save: the run must not end as if it were saved
         finally:
             metrics.close()
     return TrainResult(step=step, loss=last_loss, val_loss=last_val, stopped=stop_requested)
+
+
+def choose_interval(auto: AutoCheckpoints, step: int, step_s: float, d: Dist, clock: Clock) -> None:
+    """checkpoint_every=auto at a log step: rank 0 (the one that writes, so the one that measures a commit)
+    decides the interval from its step time and checkpoint cost, and every rank takes it: a save under FSDP
+    is a collective, so all ranks must save at the same step."""
+    changed = auto.update(step_s) if d.main else False
+    if d.world_size > 1:
+        shared = torch.tensor([auto.every or 0], dtype=torch.int64, device=d.device)
+        dist.broadcast(shared, src=0)
+        auto.every = int(shared.item()) or None
+    if changed and auto.interval is not None:
+        i, measured = auto.interval, "measured" if auto.measured_s is not None else "estimated"
+        clock.note(
+            "interval",
+            step=step,
+            every=auto.every,
+            seconds=round(i.seconds, 3),
+            cost_s=round(i.cost_s, 3),
+            cost=measured,
+            mtbf_s=round(i.mtbf_s, 1),
+            step_s=round(step_s, 4),
+        )
+        print(f"checkpoint every {auto.every} steps: {i.explain()} ({measured} cost)", flush=True)
 
 
 def train_step(model: nn.Module, raw: Decoder, opt, sched, micro_batches, autocast, t) -> tuple:
@@ -456,6 +505,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m model.train") -> 
     )
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
+    launch = {"began": time.time(), "staging_s": 0.0}
     try:
         if args.run_config:
             spec = load_spec(args.run_config)
@@ -467,7 +517,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m model.train") -> 
                 staged_manifest(spec.data.path)  # is it staged? checked before writing anything
             run_dir.mkdir(parents=True, exist_ok=True)
             if not spec.data.path:
+                t0 = time.perf_counter()
                 spec = prepare_local_data(spec, run_dir)
+                launch["staging_s"] = time.perf_counter() - t0
             spec.write(run_dir)
     except (ConfigError, ValueError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -492,6 +544,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m model.train") -> 
             stop_at=args.stop_at,
             should_stop=lambda: stop["flag"],
             profile_steps=args.profile,
+            launch=launch,
         )
     except (ConfigError, StoreError, CheckpointError, OSError) as e:  # a full disk says so, in one line
         print(f"error: {e}", file=sys.stderr)

@@ -36,7 +36,13 @@ class LocalBackend:
         record = runs.read_record(path)
         runs.reap(path, record)
         runs.StopRequest(record.store, record.name).clear()  # an earlier stop is answered
-        runs.update_record(path, launches=record.launches + 1, exit_code=None, message=None)
+        runs.update_record(
+            path,
+            launches=record.launches + 1,
+            exit_code=None,
+            message=None,
+            segments=runs.segments_began(record),
+        )
         with open(path / runs.LOG, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.driver", str(path)],
@@ -136,20 +142,23 @@ class SkyPilotBackend:
         except cloud.CloudError as e:
             runs.update_record(path, state="failed", message=str(e))
             raise
-        return runs.update_record(path, job_id=submitted.job_id, cluster=submitted.cluster)
+        return runs.update_record(
+            path, job_id=submitted.job_id, cluster=submitted.cluster, segments=runs.segments_began(record)
+        )
 
     def refresh(self, path: Path) -> runs.RunRecord:
         """An active run's record and metrics brought up to date: metrics.jsonl from the store (the pods write
         it there), the state from SkyPilot. A job that ended cleanly finished only if its last step is
         committed (model.state.outcome); otherwise it was stopped."""
         from model.store import open_store
+        from model.timeline import TIMELINE
         from orchestrator import cloud
 
         record = runs.read_record(path)
         if record.state not in runs.ACTIVE or record.job_id is None:
             return record
         bucket = open_store(record.store)
-        for name in (runs.METRICS, runs.STAGING):  # staging.json: only while its head node stages the data
+        for name in (runs.METRICS, TIMELINE, runs.STAGING):  # staging.json: while its head node stages
             key = runs.store_key(record.name, name)
             if bucket.exists(key):
                 bucket.get_file(key, path / name)
@@ -166,8 +175,9 @@ class SkyPilotBackend:
 
             state, _ = outcome(record.checkpoints, record.steps)
         message = info.message if state == "failed" else record.message
+        ended = {} if state in runs.ACTIVE else {"segments": runs.segments_ended(record, info.ended_at)}
         return runs.update_record(
-            path, state=state, job_seconds=info.seconds, recoveries=info.recoveries, message=message
+            path, state=state, job_seconds=info.seconds, recoveries=info.recoveries, message=message, **ended
         )
 
     def active(self, path: Path) -> bool:

@@ -26,7 +26,7 @@ SECRET_NAMES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
-JOB_FIELDS = ["job_id", "status", "job_duration", "recovery_count", "failure_reason"]
+JOB_FIELDS = ["job_id", "status", "job_duration", "recovery_count", "failure_reason", "end_at"]
 AUTODOWN_IDLE_MINUTES = 10  # a --no-managed cluster tears itself down this long after its job ends
 
 # SkyPilot's job states (managed jobs and cluster jobs) -> a run's state.
@@ -126,6 +126,7 @@ class JobInfo:
     seconds: float | None = None  # how long the job has run (SkyPilot's job_duration)
     recoveries: int | None = None
     message: str | None = None
+    ended_at: float | None = None  # unix time the job ended (SkyPilot's end_at), once it has
 
 
 def job_info(record: runs.RunRecord) -> JobInfo | None:
@@ -145,6 +146,7 @@ def job_info(record: runs.RunRecord) -> JobInfo | None:
                 _field(job, "job_duration"),
                 _field(job, "recovery_count"),
                 _field(job, "failure_reason"),
+                _field(job, "end_at") or None,
             )
         statuses = sky.get(sky.job_status(record.cluster, job_ids=[record.job_id]))
     except sky.exceptions.ClusterDoesNotExist:

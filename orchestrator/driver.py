@@ -108,7 +108,9 @@ def pod_run_dir(name: str, store: str, workers: int) -> Path:
     return path
 
 
-def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: bool) -> str | None:
+def fit(
+    spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: bool, launch: dict
+) -> str | None:
     """Run the TorchTrainer to the end; the cause's one line when it failed: at once for an error that a
     retry would repeat, after MAX_WORKER_FAILURES restarts otherwise (orchestrator/failures.py)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -127,6 +129,7 @@ def fit(spec: RunSpec, record: runs.RunRecord, path: Path, use_gpu: bool, pod: b
             # On a pod rank 0 may be on another node: it logs through Ray (to SkyPilot's log) and mirrors
             # metrics.jsonl to the store.
             "pod": pod,
+            "launch": launch,  # when this launch began and how long it staged: the run's timeline
         },
         scaling_config=ScalingConfig(
             num_workers=record.workers,
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, help="Ray Train workers (with --pod: nodes x GPUs per node)")
     ap.add_argument("--nodes", type=int, default=1, help="nodes to wait for in the Ray cluster")
     args = ap.parse_args(argv)
+    began = time.time()  # this launch's time starts here (orchestrator/accounting.py)
     os.umask(0o077)  # run state, checkpoints, Ray's and wandb's files: the owner's alone (Ray inherits it)
     if bool(args.pod) == bool(args.run_dir) or (args.pod and not (args.store and args.workers)):
         ap.error("give a run directory, or --pod RUN with --store and --workers")
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(
             1
         ) as pool:  # a local run's staging (CPU) overlaps Ray's start (mostly waiting)
-            staged = None if args.pod else pool.submit(stage_for_run, spec, record, path)
+            staged = None if args.pod else pool.submit(timed(stage_for_run), spec, record, path)
             t0 = time.perf_counter()
             start_ray(record.workers, args.address, args.nodes)
             signal.signal(signal.SIGTERM, ask_stop)  # ray.init installs its own handlers
@@ -200,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             say(f"Ray up in {time.perf_counter() - t0:.1f} s")
             # On a pod, every node of the cluster stages the data before it trains: one Ray task per unit
-            spec = staged.result() if staged else stage_for_run(spec, record, path, runner=RayUnits())
+            spec, staging_s = (
+                staged.result() if staged else timed(stage_for_run)(spec, record, path, runner=RayUnits())
+            )
             record = runs.update_record(path, data=spec.data.path)
         say(f"starting {record.workers} {'GPU' if use_gpu else 'CPU'} workers")
         if not stop.asked():
             runs.update_record(path, state="running")
-        message = fit(spec, record, path, use_gpu, pod=bool(args.pod))
+        launch = {"began": began, "staging_s": staging_s}
+        message = fit(spec, record, path, use_gpu, pod=bool(args.pod), launch=launch)
         if message is None:
             state, step = outcome(record.checkpoints, spec.train.steps)
             code, message = 0, f"{state} at step {step}"
@@ -216,9 +223,21 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         say(f"{state}: {message}")
-        runs.update_record(path, state=state, exit_code=code, message=message)
+        record = runs.read_record(path)
+        ended = runs.segments_ended(record)
+        runs.update_record(path, state=state, exit_code=code, message=message, segments=ended)
         _shutdown(keep_cluster=bool(args.address))
     return code
+
+
+def timed(fn):
+    """fn, returning (its result, the seconds it took)."""
+
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        return fn(*args, **kwargs), time.perf_counter() - t0
+
+    return run
 
 
 def _shutdown(keep_cluster: bool) -> None:

@@ -23,7 +23,7 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,10 @@ class RunRecord:
     price_per_hour: float | None = None  # USD for all the run's GPUs, from the plan
     job_seconds: float | None = None  # how long SkyPilot's job has run, at the last refresh
     recoveries: int | None = None
+    # time and money (orchestrator/accounting.py): one [started, ended] per launch or resume, unix seconds
+    # (ended None while it runs), and what the plan expected when it was rented (Plan.summary())
+    segments: list[list[float | None]] = field(default_factory=list)
+    plan: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -208,6 +212,19 @@ def new_record(
         steps=spec.train.steps,
         global_batch_tokens=spec.train.global_batch_tokens,
     )
+
+
+def segments_began(record: RunRecord, now: float | None = None) -> list[list[float | None]]:
+    """The record's segments with a new one open: a launch or resume started (rented, for a cloud run)."""
+    return [*record.segments, [round(time.time() if now is None else now, 3), None]]
+
+
+def segments_ended(record: RunRecord, now: float | None = None) -> list[list[float | None]]:
+    """The record's segments with the open one closed (the run's processes have ended)."""
+    segments = [list(s) for s in record.segments]
+    if segments and segments[-1][1] is None:
+        segments[-1][1] = round(time.time() if now is None else now, 3)
+    return segments
 
 
 def read_record(path: Path) -> RunRecord:

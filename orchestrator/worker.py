@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.timeline import TIMELINE
 from orchestrator.runs import LOG, METRICS, StopRequest, runs_root, say, store_key
 
 METRICS_PUSH_S = 30.0  # a cloud run's metrics.jsonl reaches the store at most this stale (and at each eval)
@@ -64,6 +65,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
             should_stop=should_stop,
             on_log=on_log,
             checkpoints=cfg["checkpoints"],
+            launch=cfg.get("launch"),
         )
     except BaseException:
         if mirror:  # the last metrics, if the store takes them; the training error is what must surface
@@ -104,16 +106,23 @@ class StoreMirror:
         self._pushed = float("-inf")
 
     def pull(self) -> None:
-        """The run's metrics.jsonl history from the store, where this node has none: the loop then cuts it
-        back to the step it resumes from and appends, so one history survives whichever node rank 0 is on."""
-        key = store_key(self.name, METRICS)
-        if not self.metrics.exists() and self.store.exists(key):
-            self.store.get_file(key, self.metrics)
+        """The run's metrics.jsonl and timeline.jsonl from the store, where this node has none: the loop then
+        cuts metrics back to the step it resumes from and appends to both, so one history (and every
+        launch's time) survives whichever node rank 0 is on."""
+        for local in self._files():
+            key = store_key(self.name, local.name)
+            if not local.exists() and self.store.exists(key):
+                self.store.get_file(key, local)
 
     def push_metrics(self, now: bool = False) -> None:
-        if (now or time.monotonic() - self._pushed >= self.every_s) and self.metrics.exists():
-            self.store.put_file(self.metrics, store_key(self.name, METRICS))
+        if now or time.monotonic() - self._pushed >= self.every_s:
+            for local in self._files():
+                if local.exists():
+                    self.store.put_file(local, store_key(self.name, local.name))
             self._pushed = time.monotonic()
+
+    def _files(self) -> list[Path]:
+        return [self.metrics, self.metrics.with_name(TIMELINE)]
 
 
 def _log_to(path: Path) -> None:

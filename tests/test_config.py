@@ -67,6 +67,8 @@ OTHER_VALUE = {
     "train.samples": ["Once upon a time"],
     "train.evals_every": 7,
     "train.init_from": "hf:/elsewhere/model",
+    "train.mtbf_hours": 12.5,
+    "train.checkpoint_cost_s": 30.0,
 }
 
 
