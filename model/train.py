@@ -342,8 +342,10 @@ def train(
                         n: k * m.seq_len for n, k in zip(train_data.names, drawn, strict=True)
                     }
                 last_loss = loss_val
+                clock.tick(step, rec["tokens"])  # before log(): a cloud run's push carries both
                 log(rec)
-                clock.tick(step, rec["tokens"])
+                if d.main:
+                    fault_point("train.logged")  # tests: a preemption right after a step reached the store
                 if auto:
                     choose_interval(auto, step, t.global_batch_tokens / max(tok_s, 1e-9), d, clock)
             paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s

@@ -14,13 +14,23 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.config import ConfigError, RunSpec, load_spec, resolve, validate
+from model.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    RunSpec,
+    apply_overrides,
+    load_preset,
+    load_spec,
+    parse_override,
+    validate,
+)
 from model.hardware import DEFAULT_MFU
 from model.shards import atomic_write
 from orchestrator import backends, runs
+from orchestrator.preemption import Assumptions
 from orchestrator.render import render_task
 from orchestrator.sanity import warn_before_launch
 
@@ -41,6 +51,7 @@ class Hardware:
     image: str | None = None
     price: float | None = None  # USD per GPU-hour; None: configs/pricing/prices.yaml
     mfu: float = DEFAULT_MFU
+    assume: Assumptions = field(default_factory=Assumptions)  # in place of configs/pricing/preemption.yaml
 
 
 @dataclass
@@ -63,11 +74,66 @@ class Launched:
 def resolve_spec(
     preset: str, overrides: list[str], wandb: bool = False, mixture: list[dict] | None = None
 ) -> RunSpec:
-    """Preset + overrides (+ --wandb, + the sources of a mixture) -> one validated spec."""
-    spec = resolve(preset, [*overrides, *(["wandb.enabled=true"] if wandb else [])])
+    """Preset + overrides (+ --wandb, + the sources of a mixture) -> one validated spec. An explicit
+    `train.checkpoint_every: auto` gets this machine's interruption rate and checkpoint cost where it gives
+    none (with_local_interval); a cloud launch replaces them with its plan's (with_planned_interval)."""
+    raw = apply_overrides(load_preset(preset), [*overrides, *(["wandb.enabled=true"] if wandb else [])])
+    spec = with_local_interval(raw)
     if not mixture:
         return spec
     return validate({**spec.model_dump(), "data": {**spec.data.model_dump(), "mixture": mixture}})
+
+
+def with_local_interval(raw: dict) -> RunSpec:
+    """`raw` validated; with checkpoint_every=auto, what the user left out of Young/Daly's inputs is filled
+    in as for a local run: on-demand failures of this machine's GPUs (a CPU counts as one GPU) and the state's
+    size over the assumed store bandwidth (configs/pricing/preemption.yaml)."""
+    train = raw.get("train")
+    if not (isinstance(train, dict) and train.get("checkpoint_every") == "auto"):
+        return validate(raw)
+    from orchestrator import preemption
+    from orchestrator.sanity import local_gpu_names
+
+    rate_given, cost_given = train.get("mtbf_hours") is not None, train.get("checkpoint_cost_s") is not None
+    if rate_given and cost_given:
+        return validate(raw)
+    spec = validate({**raw, "train": {**train, "mtbf_hours": train.get("mtbf_hours") or 1.0}})  # the shape
+    mtbf_hours, cost_s = preemption.local_auto(spec.model, len(local_gpu_names()))
+    filled = {"mtbf_hours": _rounded(mtbf_hours)} if not rate_given else {}
+    filled |= {"checkpoint_cost_s": _rounded(cost_s)} if not cost_given else {}
+    return validate({**raw, "train": {**train, **filled}})
+
+
+def _rounded(x: float) -> float:
+    """4 significant digits: what config.yaml shows of an estimate."""
+    return float(f"{x:.4g}")
+
+
+def chosen_train_keys(preset: str, overrides: list[str]) -> set[str]:
+    """The train.* keys the user chose: by --override, or in a config file of their own. A shipped preset's
+    numbers (configs/*.yaml) are defaults, not choices."""
+    keys = {key.partition(".")[2] for key, _ in map(parse_override, overrides) if key.startswith("train.")}
+    path = Path(preset)
+    own_file = path.suffix in (".yaml", ".yml") and _present(preset, file=True)
+    if own_file and path.resolve().parent != CONFIGS_DIR.resolve():
+        train = load_preset(preset).get("train")
+        keys |= {str(k) for k in train} if isinstance(train, dict) else set()
+    return keys
+
+
+def with_planned_interval(spec: RunSpec, plan, chosen: set[str]) -> RunSpec:
+    """A cloud run checkpoints at Young/Daly's interval (train.checkpoint_every: auto) from its plan's MTBF
+    and checkpoint cost estimate: each of those three settings unless `chosen` (the user's own) holds it; a
+    number of steps chosen stays as it is."""
+    if "checkpoint_every" in chosen and spec.train.checkpoint_every != "auto":
+        return spec
+    p = plan.preemption
+    planned = {
+        "checkpoint_every": "auto",
+        "mtbf_hours": _rounded(p.mtbf_hours),
+        "checkpoint_cost_s": _rounded(p.checkpoint_cost_s),
+    }
+    return spec.with_train(**{k: v for k, v in planned.items() if k not in chosen})
 
 
 def dataset_flags(datasets: list[str]) -> tuple[list[str], list[dict] | None]:
@@ -142,6 +208,7 @@ def plan_cloud(spec: RunSpec, hw: Hardware, store: str, steps_left: int | None =
         mfu=hw.mfu,
         price=hw.price,
         tokens=steps * spec.train.global_batch_tokens,
+        assume=hw.assume,
     )
     if not plan.fits:
         raise ConfigError(f"the run does not fit: {plan.notes[-1] if plan.notes else 'see lmctl plan'}")
@@ -297,7 +364,8 @@ def launch(
     cloud_plan = plan_cloud(spec, hardware, store) if hardware else None
     asked = spec.train.micro_batch_size, spec.train.activation_checkpointing
     if cloud_plan:
-        spec, workers = cloud_plan.spec, cloud_plan.workers
+        chosen = chosen_train_keys(preset, overrides or [])
+        spec, workers = with_planned_interval(cloud_plan.spec, cloud_plan.plan, chosen), cloud_plan.workers
     _check_inputs(spec, workers, store)
     warn_before_launch(spec, preset, backend.mode, workers)  # a local run that would take days here
     if cloud_plan and not dry_run:
@@ -353,6 +421,7 @@ def _set_hardware(record: runs.RunRecord, hw: Hardware, cloud_plan: CloudPlan) -
     record.workers = cloud_plan.workers
     price = plan.price_per_gpu_hour
     record.price_per_hour = None if price is None else price * plan.world
+    record.plan = plan.summary()
 
 
 def resume(
@@ -415,14 +484,25 @@ def replan(path: Path, record, spec: RunSpec, done: int, hardware, show_plan, ma
     check_spending(cloud_plan.plan, max_cost, confirm)
     if not hardware:
         return spec
+    spec = with_planned_interval(cloud_plan.spec, cloud_plan.plan, _kept_on_a_move(spec, record.plan))
     _set_hardware(record, hw, cloud_plan)
     atomic_write(
         path / runs.TASK,
         [render_task(record.name, record.store, record.workers, cloud_plan.resources, hw.nodes).encode()],
     )
     fields = ("gpu", "nodes", "cloud", "spot", "managed", "disk_size", "image", "workers", "price_per_hour")
-    runs.update_record(path, **{k: getattr(record, k) for k in fields})
-    return cloud_plan.spec
+    runs.update_record(path, **{k: getattr(record, k) for k in (*fields, "plan")})
+    return spec
+
+
+def _kept_on_a_move(spec: RunSpec, last_plan: dict | None) -> set[str]:
+    """The interval settings a run moving to other hardware keeps: a number of steps, and what its last plan
+    did not write (the user's own); the rest follows the new plan."""
+    t = spec.train
+    if t.checkpoint_every != "auto":
+        return {"checkpoint_every"}
+    planned = {k: (last_plan or {}).get(k) for k in ("mtbf_hours", "checkpoint_cost_s")}
+    return {k for k, v in planned.items() if v is None or getattr(t, k) != _rounded(v)}
 
 
 def _trained_steps(record: runs.RunRecord) -> int:

@@ -5,7 +5,10 @@ with `train.activation_checkpointing: auto` (the bigger presets) the plan also c
 the micro-batch that train fastest on the chosen GPU, and a cloud launch writes that choice into the config.
 
 Throughput: tokens/s = mfu x peak FLOP/s x W / flops_per_token; hours = token budget / tokens/s / 3600;
-cost = hours x W x USD per GPU-hour.
+cost = hours x W x USD per GPU-hour. Interruptions (spot preemptions, on-demand failures), what they cost, and
+the checkpoint interval chosen for them: orchestrator/preemption.py. Every figure is an estimate from
+assumptions (MFU, the price table, the preemption table or the flags that replace them): `Plan.assumptions()`
+names each, and the rendering says so.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from model.memory import (
     strategy_name,
     usable_bytes,
 )
+from orchestrator import preemption
 from orchestrator.gpus import CATALOG, CLOUDS, Gpu, GpuRequest, check_combination, viable_clouds
+from orchestrator.preemption import Assumptions, Preemptions, Workload, money
 
 PRICES_PATH = Path(__file__).resolve().parent.parent / "configs" / "pricing" / "prices.yaml"
 
@@ -74,6 +79,7 @@ class PriceQuote:
     price: float | None  # USD per GPU-hour; None when unknown
     source: str  # "--price", "prices.yaml runpod spot", ... or why there is none
     note: str | None = None  # e.g. spot asked but only an on-demand price is known
+    cloud: str | None = None  # the table's cloud the price is from; None for --price or no price
 
 
 def lookup_price(
@@ -89,7 +95,7 @@ def lookup_price(
     cheapest cloud that could run the launch (the spot column when spot; on-demand, with a note, when the
     table has no spot price there)."""
     if price is not None:
-        return PriceQuote(float(price), "--price")
+        return PriceQuote(float(price), "--price", cloud=cloud)
     table = (prices or load_prices())["prices"].get(gpu.name, {})
     clouds = [c for c in viable_clouds(gpu, cloud, nodes, spot) if c in table]
     column = "spot" if spot else "on_demand"
@@ -105,7 +111,7 @@ def lookup_price(
         return PriceQuote(None, f"no price for {gpu.name}{where}: pass --price")
     value, chosen, col = min(options)
     source = f"prices.yaml {chosen} {col.replace('_', '-')}" + ("" if cloud else " (cheapest)")
-    return PriceQuote(float(value), source, note)
+    return PriceQuote(float(value), source, note, chosen)
 
 
 # ---------------------------------------------------------------- the plan
@@ -145,9 +151,53 @@ class Plan:
     price_source: str
     cost: float | None
     notes: list[str] = field(default_factory=list)
+    # interruptions, what they cost and the checkpoint interval chosen for them (orchestrator/preemption.py)
+    preemption: Preemptions | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "assumed": self.assumptions()}
+
+    def assumptions(self) -> list[str]:
+        """Each input the plan assumed, with where it comes from: no figure here was measured."""
+        out = [f"{self.mfu:.0%} MFU (--mfu)"]
+        if self.price_per_gpu_hour is not None:
+            out.append(f"${self.price_per_gpu_hour:.2f} per GPU-hour ({self.price_source})")
+        p = self.preemption
+        if p is not None:
+            out += p.assumed
+            if p.versus and p.versus.on_demand_price is not None:
+                out.append(
+                    f"on-demand ${p.versus.on_demand_price:.2f} per GPU-hour ({p.versus.on_demand_source})"
+                )
+        return out
+
+    def summary(self) -> dict:
+        """What the plan expected, JSON-safe, for the run record (run.json's `plan`): all estimates."""
+        p, cost = self.preemption, self.cost
+        return {
+            "gpu": self.gpu,
+            "world": self.world,
+            "cloud": self.cloud,
+            "token_budget": self.token_budget,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "hours": self.hours,
+            "cost": cost,
+            "usd_per_btok": None if cost is None else cost / self.token_budget * 1e9,
+            "price_per_gpu_hour": self.price_per_gpu_hour,
+            "price_source": self.price_source,
+            "spot": self.spot,
+            "mtbf_hours": p.mtbf_hours if p else None,
+            "checkpoint_interval_s": p.interval_s if p else None,
+            "checkpoint_every": p.checkpoint_every if p else None,
+            "checkpoint_cost_s": p.checkpoint_cost_s if p else None,
+            "expected_preemptions": p.expected if p else None,
+            "expected_lost_hours": p.lost_hours if p else None,
+            "expected_lost_cost": p.lost_cost if p else None,
+            "recovery_s": p.recovery_s if p else None,
+            "spot_verdict": p.versus.verdict if p and p.versus else None,
+            "assumed": self.assumptions(),
+        }
 
 
 def tokens_per_s(model: ModelConfig, peak_flops: float, mfu: float = DEFAULT_MFU) -> float:
@@ -167,8 +217,11 @@ def make_plan(
     tokens: float | None = None,
     tokens_per_param: float = 20.0,
     prices: dict | None = None,
+    assume: Assumptions | None = None,
+    preemption_table: dict | None = None,
 ) -> Plan:
-    """Memory, micro-batch, throughput, time and cost of `spec` on `req` x `nodes` (the primary GPU)."""
+    """Memory, micro-batch, throughput, time and cost of `spec` on `req` x `nodes` (the primary GPU), and its
+    interruptions and checkpoint interval (`assume`: the flags that replace preemption.yaml's figures)."""
     check_combination(req, cloud, nodes, spot)
     cloud = cloud.strip().lower() if cloud else None
     if not 0 < mfu <= 1:
@@ -227,6 +280,13 @@ def make_plan(
     quote = lookup_price(gpu, cloud, spot, nodes=nodes, price=price, prices=prices)
     if quote.note:
         notes.append(quote.note)
+    work = Workload(n, m.vocab_size, budget, hours, t.global_batch_tokens / tok_s, nodes, world)
+    where = _Where(gpu, cloud, nodes, prices, assume, preemption_table)
+    interruptions = _interruptions(work, where, spot, quote)
+    if not spot and assume is not None and assume.preemptions_per_hour is not None:
+        notes.append("--preemptions-per-hour is a spot rate: add --spot (on demand, failures interrupt)")
+    if warning := interruptions.warning():
+        notes.append(warning)
     return Plan(
         model=m.model_dump(mode="json"),
         params=n,
@@ -260,7 +320,34 @@ def make_plan(
         price_source=quote.source,
         cost=hours * world * quote.price if quote.price is not None else None,
         notes=notes,
+        preemption=interruptions,
     )
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a plan's run would go, for looking up its prices and interruption rates."""
+
+    gpu: Gpu
+    cloud: str | None
+    nodes: int
+    prices: dict | None
+    assume: Assumptions | None
+    table: dict | None
+
+    def rates(self, spot: bool, quote: PriceQuote) -> preemption.Rates:
+        candidates = viable_clouds(self.gpu, self.cloud, self.nodes, spot)
+        return preemption.rates(spot, quote.cloud or self.cloud, candidates, self.assume, self.table)
+
+
+def _interruptions(work: Workload, where: _Where, spot: bool, quote: PriceQuote) -> Preemptions:
+    """The run's interruptions at its price; on spot, against the same run on demand."""
+    estimate = preemption.estimate(work, where.rates(spot, quote), quote.price)
+    if spot:
+        od = lookup_price(where.gpu, where.cloud, False, nodes=where.nodes, prices=where.prices)
+        on_demand = preemption.estimate(work, where.rates(False, od), od.price)
+        estimate.versus = preemption.spot_or_not(work, estimate, quote.price, on_demand, od.price, od.source)
+    return estimate
 
 
 def _no_fit_advice(spec: RunSpec, strategy: str, world: int, gpu: Gpu, memory: dict[str, Memory]) -> str:
@@ -300,6 +387,62 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f}"
 
 
+def _figure(x: float) -> str:
+    """A whole number from 100 up (6,250), else 3 significant digits (0.0125, 10)."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _seconds(s: float) -> str:
+    return human_time(s / 3600) if s >= 3600 else f"{s / 60:.0f} min" if s >= 120 else f"{s:.0f} s"
+
+
+def _interruption_rows(plan: Plan, p: Preemptions) -> list[tuple[str, str]]:
+    """The checkpoint interval's arithmetic, the interruptions and what they cost, spot against on-demand,
+    and what all of it assumed."""
+    rows = [
+        ("checkpoints", _checkpoint_text(p)),
+        ("preemptions" if p.spot else "failures", _loss_text(plan, p)),
+    ]
+    if p.versus is not None:
+        rows.append(("spot?", _versus_text(p.versus)))
+    return [*rows, ("assumed", "; ".join(plan.assumptions()))]
+
+
+def _checkpoint_text(p: Preemptions) -> str:
+    per_param = preemption.STATE_BYTES_PER_PARAM
+    return (
+        f"every {p.checkpoint_every:,} steps of {p.step_s:.3g} s: {p.interval_explain}; one checkpoint is "
+        f"{p.state_bytes / 1e9:.3g} GB ({per_param} bytes/param) at an assumed {p.store_mb_per_s:g} MB/s = "
+        f"{p.checkpoint_cost_s:.3g} s, an estimate the run replaces with its first measured checkpoint"
+    )
+
+
+def _loss_text(plan: Plan, p: Preemptions) -> str:
+    if p.spot:
+        nodes = f"{plan.nodes} node{'s' if plan.nodes > 1 else ''}"
+        mtbf = f"1 / ({nodes} x {p.per_node_hour:g} per node-hour)"
+    else:
+        mtbf = f"{p.mtbf_hours * plan.world:,.0f} GPU-hours / {plan.world} GPU{'s' if plan.world > 1 else ''}"
+    start = "provision + setup" if p.provision_s is not None else "--recovery-minutes"
+    lost = f"{p.lost_hours:.2g} h" + (f", {money(p.lost_cost)}" if p.lost_cost is not None else "")
+    return (
+        f"{p.expected:.2g} expected over {human_time(plan.hours)} (hours / MTBF, {_figure(p.mtbf_hours)} h = "
+        f"{mtbf}; first order); each costs {_seconds(p.recovery_s)} to recover ({_seconds(p.start_s)} "
+        f"{start}, {_seconds(p.fetch_s)} data fetch, {_seconds(p.load_s)} checkpoint load) + "
+        f"{_seconds(p.redone_s)} redone on average: {lost} lost"
+    )
+
+
+def _versus_text(v: preemption.SpotOrNot) -> str:
+    if v.spot_cost is None or v.on_demand_cost is None:
+        return v.verdict
+    return (
+        f"spot {money(v.spot_cost)} with its lost hours, on-demand {money(v.on_demand_cost)} (assumed "
+        f"${v.on_demand_price:.2f}/GPU-hour, {v.on_demand_source}; {v.on_demand_failures:.2g} failures lose "
+        f"{v.on_demand_lost_hours:.2g} h): {v.verdict}"
+    )
+
+
 def plan_renderable(plan: Plan):
     """Rich tables: the summary, then memory per GPU for the four strategies."""
     from rich import box
@@ -329,17 +472,20 @@ def plan_renderable(plan: Plan):
         summary.add_row("batch", batch)
     else:
         summary.add_row("batch", Text(f"{plan.strategy}: does not fit", style="bold red"))
-    summary.add_row("throughput", f"{human(plan.tokens_per_s)} tokens/s at {plan.mfu:.0%} MFU")
+    summary.add_row("throughput", f"{human(plan.tokens_per_s)} tokens/s at an assumed {plan.mfu:.0%} MFU")
     summary.add_row("budget", f"{human(plan.token_budget)} tokens ({plan.tokens_per_param:.1f} per param)")
     summary.add_row("time", human_time(plan.hours))
     if plan.cost is not None:
         summary.add_row(
             "cost",
-            f"${plan.cost:,.0f} (${plan.price_per_gpu_hour:.2f}/GPU-hour, {plan.price_source}; "
+            f"${plan.cost:,.0f} (assumed ${plan.price_per_gpu_hour:.2f}/GPU-hour, {plan.price_source}; "
             f"{plan.world} GPU{'s' if plan.world > 1 else ''} x {plan.hours:.1f} h)",
         )
     else:
         summary.add_row("cost", Text(plan.price_source, style="yellow"))
+    if plan.preemption is not None:
+        for label, text in _interruption_rows(plan, plan.preemption):
+            summary.add_row(label, text)
 
     mem = Table(
         title=f"memory per GPU in GiB at micro-batch {next(iter(plan.memory.values())).micro_batch} "

@@ -310,3 +310,91 @@ def test_lmctl_stage_cloud_is_a_cpu_job_that_resumes_after_a_preemption(
     ours = {k: local.get_bytes(k) for k in local.list(prefix) if not k.endswith("stage.json")}
     theirs = {k: bucket.get_bytes(k) for k in bucket.list(prefix) if not k.endswith("stage.json")}
     assert ours == theirs and len(ours) == 1 + 6 + 12 + 1  # tokenizer, unit records, shards, manifest
+
+
+def test_a_spot_run_preempted_twice_accounts_for_every_second(tmp_path, s3_bucket, sky_jobs, monkeypatch):
+    """A 1-node spot run preempted twice, each time right after a step reached the store: the accounting
+    (from its timeline, brought by the same refresh as status) counts 2 automatic recoveries, the steps
+    redone as the test caused them, recovery time at least the test's own wait for new nodes, and states
+    that add up to the job's wall time; the report says the same."""
+    import time
+
+    from model.timeline import TIMELINE
+    from orchestrator import accounting, backends, cloud
+
+    launched = launch(
+        "tiny",
+        [*overrides(120, 20), "train.evals=[]", "train.samples=[]"],
+        name="spot2",
+        store=s3_bucket.uri,
+        root=tmp_path / "runs",
+        hardware=Hardware(gpu="L40S:2", nodes=1, cloud="aws", spot=True),
+    )
+    [(_, task)] = sky_jobs
+    [[submitted, ended]] = launched.record.segments
+    assert ended is None and launched.record.price_per_hour > 0
+
+    (tmp_path / "sim").mkdir()
+    env = sim_env(s3_bucket) | {"LMCTL_STORE_POLL_S": "0"}  # every log step reaches the store at once
+    sim = SimCluster(task, tmp_path / "sim", env)
+    assert sim.setup().returncode == 0
+    waits, resumed = [], []
+    try:
+        # 1st launch: lost after step 30 is logged (6th log); 2nd: after its 5th log
+        for logs in (6, 5, None):
+            sim.node_extra = {0: {"LMCTL_FAULT": f"train.logged:{logs}:SESSION"}} if logs else {}
+            restarted = time.time()
+            if waits:
+                waits[-1] = restarted - waits[-1]  # how long the test kept the job without nodes
+            sim.start()
+            code = sim.wait_head(timeout=300)
+            log = sim.log(0)
+            resumed += [int(s) for s in re.findall(r"resumed from checkpoint at step (\d+)", log)]
+            if logs:
+                assert code != 0, log
+                sim.preempt()  # whatever the session kill left
+                waits.append(time.time())
+        assert code == 0, log
+        finished = time.time()
+    finally:
+        sim.kill()
+    assert "finished: finished at step 120" in log, log
+    assert len(resumed) == 2, resumed
+
+    # SkyPilot's side at its boundary: the job ended when the head exited
+    monkeypatch.setattr(
+        cloud, "job_info", lambda record: cloud.JobInfo("finished", "SUCCEEDED", ended_at=finished)
+    )
+    record = backends.of(launched.record).refresh(launched.path)
+    assert record.state == "finished" and (launched.path / TIMELINE).exists()
+    acc = accounting.of_run(launched.path)
+
+    last_steps = [30, resumed[0] + 5 * 5]  # the step each lost launch was last heard at
+    assert [r.last_step for r in acc.recoveries] == last_steps
+    assert [r.resumed_step for r in acc.recoveries] == resumed
+    assert [r.redone_steps for r in acc.recoveries] == [
+        s - r for s, r in zip(last_steps, resumed, strict=True)
+    ]
+    assert all(r.automatic for r in acc.recoveries)
+    for r, waited in zip(acc.recoveries, waits, strict=True):
+        assert r.recovery_s >= waited  # the nodes' absence, then setup, Ray, data and the checkpoint load
+        assert 0 < r.redone_s < r.heard - submitted
+    assert acc.lost_s == sum(r.recovery_s + r.redone_s for r in acc.recoveries)
+
+    # every second of the job, by state, adds up to its wall time
+    assert acc.wall_s == pytest.approx(finished - submitted, abs=0.01)  # run.json keeps milliseconds
+    assert abs(acc.unaccounted_s) <= 0.01 * acc.wall_s
+    s = acc.seconds
+    assert abs(sum(s.values()) - acc.wall_s) <= 0.01 * acc.wall_s
+    assert s["training"] > 0 and s["evaluating"] > 0 and s["checkpointing"] > 0 and s["idle"] >= 0
+    assert s["recovering"] + s["staging"] >= sum(waits)
+    assert acc.tokens == 120 * load_spec_tokens(launched.path) and acc.step == 120
+    assert acc.cost == record.price_per_hour * acc.wall_s / 3600
+    assert acc.lost_cost == record.price_per_hour * acc.lost_s / 3600
+    print(json.dumps({k: v for k, v in acc.to_dict().items() if k != "spans"}, indent=1))
+
+
+def load_spec_tokens(path: Path) -> int:
+    from model.config import load_spec
+
+    return load_spec(path / runs.CONFIG).train.global_batch_tokens

@@ -271,6 +271,7 @@ TABLE = {
 def test_lookup_price(gpu, cloud, spot, nodes, price, source, noted):
     quote = lookup_price(CATALOG[gpu], cloud, spot, nodes=nodes, prices=TABLE)
     assert (quote.price, quote.source, quote.note is not None) == (price, source, noted)
+    assert quote.cloud == (source.split()[1] if price is not None else None)  # whose rates the plan assumes
     assert lookup_price(CATALOG[gpu], cloud, spot, price=1.25, prices=TABLE).source == "--price"
 
 
@@ -338,6 +339,11 @@ def test_to_dict_is_json():
     assert set(data["memory"]) == set(STRATEGIES)
     assert set(data["memory"]["fsdp"]) >= {"weights", "gradients", "optimizer", "activations", "loss"}
     assert data["memory"]["ddp+full"]["fits"] is True and data["price_source"].startswith("prices.yaml")
+    assert data["preemption"]["spot"] is True and data["preemption"]["versus"]["verdict"]
+    assert data["assumed"][:2] == [
+        "40% MFU (--mfu)",
+        f"${data['price_per_gpu_hour']:.2f} per GPU-hour ({data['price_source']})",
+    ]
 
 
 def test_rendering():
