@@ -113,3 +113,5 @@ class AutoCheckpoints:
 
     def saved(self, step: int) -> None:
         self.last_save = step
+        if self.cost_s is None:  # that was the save to measure: none more until it has committed
+            self.every = None

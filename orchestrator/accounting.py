@@ -60,6 +60,7 @@ class Accounting:
     plan: dict[str, Any] | None  # what the plan expected (Plan.summary()), with its assumptions
     spans: list[tuple[float, float, str]] = field(default_factory=list)  # (begin, end, state), in order
     live: bool = False  # its last segment is still open
+    billed_s: float | None = None  # SkyPilot's job time where known: what the cost is reckoned on
 
     @property
     def lost_s(self) -> float:
@@ -74,7 +75,11 @@ class Accounting:
 
     @property
     def cost(self) -> float | None:
-        return self.dollars(self.wall_s)
+        return self.dollars(self.wall_s if self.billed_s is None else self.billed_s)
+
+    @property
+    def cost_basis(self) -> str:
+        return "time since launch, measured" if self.billed_s is None else "SkyPilot's job time"
 
     @property
     def lost_cost(self) -> float | None:
@@ -95,7 +100,16 @@ class Accounting:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["recoveries"] = [asdict(r) | {"lost_s": r.lost_s} for r in self.recoveries]
-        for name in ("lost_s", "redone_steps", "cost", "lost_cost", "tokens_per_usd", "usd_per_btok"):
+        names = (
+            "lost_s",
+            "redone_steps",
+            "cost",
+            "cost_basis",
+            "lost_cost",
+            "tokens_per_usd",
+            "usd_per_btok",
+        )
+        for name in names:
             out[name] = getattr(self, name)
         out["planned_usd_per_btok"] = self.planned_usd_per_btok
         out["measured"] = "time (host clocks)"
@@ -115,6 +129,7 @@ def account(
     price_per_hour: float | None = None,
     plan: dict[str, Any] | None = None,
     now: float | None = None,
+    billed_s: float | None = None,
 ) -> Accounting:
     """The accounting of a run from its timeline `events` and `segments` ([started, ended or None]); an open
     segment runs to `now` (default: its last event)."""
@@ -159,6 +174,7 @@ def account(
         plan=plan,
         spans=spans,
         live=live,
+        billed_s=billed_s,
     )
 
 
@@ -169,7 +185,8 @@ def of_run(path: Path, now: float | None = None) -> Accounting:
 
     record = runs.read_record(path)
     events = read_timeline(path / TIMELINE)
-    return account(events, record.segments, record.price_per_hour, record.plan, now or time.time())
+    now = now or time.time()
+    return account(events, record.segments, record.price_per_hour, record.plan, now, record.job_seconds)
 
 
 # ---------------------------------------------------------------- internals

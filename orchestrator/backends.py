@@ -207,14 +207,12 @@ class SkyPilotBackend:
         return []  # nothing of a cloud run runs on this machine
 
     def facts(self, record: runs.RunRecord) -> dict[str, Any]:
-        """What the run rents and what it has cost so far (SkyPilot's job time x the plan's price)."""
-        price, seconds = record.price_per_hour, record.job_seconds
+        """What the run rents (its cost is orchestrator/accounting.py's, in run_summary)."""
         fields = ("gpu", "nodes", "spot", "managed", "job_id", "cluster", "recoveries", "job_seconds")
         return {
             **{k: getattr(record, k) for k in fields},
             "cloud": record.cloud or "any",
-            "price_per_hour": price,
-            "cost_so_far": None if price is None or seconds is None else price * seconds / 3600,
+            "price_per_hour": record.price_per_hour,
         }
 
     def where(self, record: runs.RunRecord) -> str:

@@ -40,6 +40,7 @@ EPILOG = """examples:
   lmctl export dev --hf runs/exports/dev          Hugging Face Llama folder (transformers can load it)
   lmctl eval dev --task hellaswag --task shakespeare_mc       multiple-choice accuracy of its checkpoint
   lmctl plot dev                                  loss against tokens, as runs/dev/loss.png
+  lmctl report dev                                what it did and cost: runs/dev/report/ (report.md, PNGs)
   lmctl presets                                   list model presets and their sizes
   lmctl train --config tiny --run-dir runs/dev    train in this process (no Ray), resuming if the run exists
   lmctl train --config tiny --run-dir runs/dev --override train.steps=50 --override train.lr=1e-3
@@ -286,7 +287,8 @@ def _hardware(args: argparse.Namespace, record=None):
     from orchestrator.launch import DISK_GB, Hardware
 
     if record is None:
-        given = [f for f in ("nodes", "cloud", "image", "price", "disk_size") if getattr(args, f) is not None]
+        given = [f for f in ("nodes", "cloud", "image", "price", "disk_size", *ASSUMPTION_FLAGS)]
+        given = [f for f in given if getattr(args, f) is not None]
         if args.gpu is None:  # `--gpu ""` is a bad --gpu, not a local run
             if given or args.spot or args.no_managed:
                 flag = (given or ["spot" if args.spot else "no_managed"])[0].replace("_", "-")
@@ -306,7 +308,18 @@ def _hardware(args: argparse.Namespace, record=None):
         image=args.image or (record.image if record else None),
         price=args.price,
         mfu=args.mfu,
+        assume=_assumptions(args),
     )
+
+
+ASSUMPTION_FLAGS = ("preemptions_per_hour", "recovery_minutes", "store_mbps")
+
+
+def _assumptions(args: argparse.Namespace):
+    """--preemptions-per-hour, --recovery-minutes, --store-mbps, as typed: one error line for a bad value."""
+    from orchestrator.preemption import Assumptions
+
+    return Assumptions(*(getattr(args, f) for f in ASSUMPTION_FLAGS))
 
 
 def _config_error(message: str):
@@ -416,6 +429,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         price=args.price,
         tokens=args.tokens,
         tokens_per_param=args.tokens_per_param,
+        assume=_assumptions(args),
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
@@ -467,7 +481,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     path = _run_path(args)
     hardware = None
     moved = [args.gpu, args.nodes, args.cloud, args.disk_size, args.image, args.spot, args.no_managed]
-    moved.append(args.price)
+    moved += [args.price, *(getattr(args, f) for f in ASSUMPTION_FLAGS)]
     if any(v is not None and v is not False for v in moved):  # --nodes 0 is asked for, and refused
         record = read_record(path)
         if not _backend(record).rents:
@@ -721,6 +735,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator import report
+
+    path = _run_path(args)
+    _refreshed(path)  # a cloud run's metrics and timeline from its store, as status does
+    out = report.write_report(path, Path(args.out) if args.out else None)
+    print(json.dumps({"folder": str(out), **report.report_json(out)}, indent=1) if args.json else out)
+    return 0
+
+
 SOURCE_FLAGS = {  # launch's staging flags -> the config key each sets
     "subset": "data.subset",
     "split": "data.split",
@@ -757,6 +781,25 @@ def _add_mfu_flag(p) -> None:
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=help_)
 
 
+def _add_assumption_flags(p) -> None:
+    """What the plan assumes about interruptions, in place of configs/pricing/preemption.yaml."""
+    p.add_argument(
+        "--preemptions-per-hour",
+        metavar="RATE",
+        help="spot preemptions per node-hour the plan assumes (default: preemption.yaml's for the cloud)",
+    )
+    p.add_argument(
+        "--recovery-minutes",
+        metavar="MIN",
+        help="minutes to provision and set up a replacement node (default: preemption.yaml's)",
+    )
+    p.add_argument(
+        "--store-mbps",
+        metavar="MB_PER_S",
+        help="store bandwidth in MB/s for checkpoints and the data fetch (default: preemption.yaml's)",
+    )
+
+
 def _add_hardware_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cloud (SkyPilot)")
     g.add_argument(
@@ -773,6 +816,7 @@ def _add_hardware_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image", help="image_id, e.g. docker:nvcr.io/nvidia/pytorch:25.01-py3")
     g.add_argument("--price", type=float, help="USD per GPU-hour for the plan (default: the price table)")
     _add_mfu_flag(g)
+    _add_assumption_flags(g)
     g.add_argument("--yes", action="store_true", help="rent without asking (required without a terminal)")
     g.add_argument(
         "--max-cost", type=float, metavar="USD", help="refuse if the plan's cost (at --mfu) is above this"
@@ -959,7 +1003,10 @@ def build_parser() -> argparse.ArgumentParser:
         "gradients, optimizer, activations; with and without activation checkpointing or FSDP) and whether "
         "it fits, the micro-batch and gradient accumulation, tokens/s at a stated MFU, and the time and cost "
         "to a token budget (default 20 tokens per parameter) at a price per GPU-hour (configs/pricing/"
-        "prices.yaml, or --price). Exit 1 when it does not fit.",
+        "prices.yaml, or --price); the expected interruptions (spot preemptions, failures), what each costs "
+        "and, on spot, whether spot pays, and the checkpoint interval chosen for them (configs/pricing/"
+        "preemption.yaml, or the flags). Every figure is an estimate from stated assumptions. Exit 1 when "
+        "it does not fit.",
     )
     p.add_argument("--config", default="1b", help="preset name or YAML path (default 1b)")
     p.add_argument(
@@ -975,6 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price", type=float, help="USD per GPU-hour (default: the shipped price table)")
     p.add_argument("--tokens", type=_count, help="token budget, e.g. 26B (default: 20 x parameters)")
     p.add_argument("--tokens-per-param", type=float, default=20.0, help="budget per parameter (default 20)")
+    _add_assumption_flags(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 
@@ -1023,6 +1071,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", parents=[one_run], help="PNG of train and val loss against tokens")
     p.add_argument("--out", help="PNG file path; missing folders are created (default: runs/<name>/loss.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "report",
+        parents=[one_run],
+        help="a folder of what a run did and cost: report.md and PNGs",
+        description="Write a self-contained folder (default runs/<name>/report/): report.md (the run, the "
+        "plan beside what happened, time and money by state, recoveries, evaluations), loss.png, speed.png, "
+        "cost.png and report.json. Time is measured by the run's clocks; money is that time x a price that "
+        "was assumed (a price table or --price), and every $ figure says so. A run without a price (local) "
+        "is reported in hours. The folder is replaced whole; one holding other files is refused. Example: "
+        "`lmctl report dev` writes runs/dev/report/ and prints that path; `lmctl report dev --out "
+        "reports/dev --json` writes there and prints report.json.",
+    )
+    p.add_argument("--out", metavar="DIR", help="report folder; missing parents are created")
+    p.add_argument(
+        "--json", action="store_true", help="print the folder and report.json (the accounting) as JSON"
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.add_argument("--json", action="store_true", help="machine-readable output")

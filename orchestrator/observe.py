@@ -50,7 +50,7 @@ def human_duration(seconds: float | None) -> str:
 # ---------------------------------------------------------------- facts
 
 
-def _metrics(path: Path) -> list[dict[str, Any]]:
+def run_metrics(path: Path) -> list[dict[str, Any]]:
     """Complete records of metrics.jsonl; a torn last line (being written) is skipped by read_metrics."""
     return [r for r in read_metrics(path / runs.METRICS) if isinstance(r, dict) and "step" in r]
 
@@ -94,7 +94,7 @@ def run_summary(path: Path) -> dict[str, Any]:
     path = Path(path)
     record = runs.read_record(path)
     state = runs.effective_state(record)
-    metrics = _metrics(path)
+    metrics = run_metrics(path)
     train = [r for r in metrics if "loss" in r]
     evals = [r for r in metrics if "val_loss" in r]
     ckpts = [r for r in metrics if "checkpoint" in r]
@@ -155,8 +155,66 @@ def run_summary(path: Path) -> dict[str, Any]:
         "launches": record.launches,
         "dry_run": runs.never_started(record),
         "path": str(path),
-        **backends.of(record).facts(record),  # a cloud run: what it rents, what it has cost so far
+        **backends.of(record).facts(record),  # a cloud run: what it rents
+        **_money(path),  # where its time went and what it cost (orchestrator/accounting.py)
     }
+
+
+def _money(path: Path) -> dict[str, Any]:
+    """cost_so_far and `time`: the run's seconds by state, its recoveries, and their price (time measured,
+    price assumed: from the plan's table unless --price)."""
+    from orchestrator import accounting
+
+    acc = accounting.of_run(path)
+    plan = acc.plan or {}
+    return {
+        "cost_so_far": acc.cost,
+        "time": {
+            "wall_s": acc.wall_s,
+            "by_state": acc.seconds,
+            "unaccounted_s": acc.unaccounted_s,
+            "recoveries": len(acc.recoveries),
+            "redone_steps": acc.redone_steps,
+            "lost_s": acc.lost_s,
+            "lost_cost": acc.lost_cost,
+            "tokens_per_usd": acc.tokens_per_usd,
+            "usd_per_btok": acc.usd_per_btok,
+            "planned_usd_per_btok": acc.planned_usd_per_btok,
+            "cost_basis": acc.cost_basis,
+            "price_source": plan.get("price_source"),
+        },
+    }
+
+
+def _time_text(t: dict[str, Any]) -> str:
+    """'training 71% (1.2 h), recovering 12% (10 min), ...' over the states that took any time."""
+    wall = t["wall_s"] or 0.0
+    parts = [
+        f"{state} {100 * sec / wall:.0f}% ({human_duration(sec)})"
+        for state, sec in sorted(t["by_state"].items(), key=lambda kv: -kv[1])
+        if sec >= 0.5 and wall > 0
+    ]
+    return ", ".join(parts) or "-"
+
+
+def _lost_text(t: dict[str, Any]) -> str:
+    """'$1.20 (2 recoveries, 15 steps redone, 31 min)' or '-'."""
+    if not t["recoveries"]:
+        return "none"
+    money = "" if t["lost_cost"] is None else f"${t['lost_cost']:,.2f} "
+    return (
+        f"{money}({t['recoveries']} recoveries, {t['redone_steps']} steps redone, "
+        f"{human_duration(t['lost_s'])})"
+    )
+
+
+def _value_text(t: dict[str, Any]) -> str:
+    """'1.2M tokens per $, $0.83 per B tokens (plan: $0.61)': measured time x assumed price."""
+    if t["usd_per_btok"] is None:
+        return "-"
+    plan = t["planned_usd_per_btok"]
+    planned = f" (plan: ${plan:,.2f})" if plan is not None else ""
+    return f"{human(t['tokens_per_usd'])} tokens per $, ${t['usd_per_btok']:,.2f} per B tokens{planned}"
 
 
 def _task_text(score: dict[str, Any]) -> str:
@@ -205,7 +263,11 @@ def _gpus_text(s: dict[str, Any]) -> str:
 
 def _cost_text(s: dict[str, Any]) -> str:
     cost = "-" if s["cost_so_far"] is None else f"${s['cost_so_far']:,.2f}"
-    return cost if s["price_per_hour"] is None else f"{cost} at ${s['price_per_hour']:,.2f}/h"
+    if s["price_per_hour"] is None:
+        return cost
+    source = s["time"]["price_source"]
+    assumed = f", assumed: {source}" if source and source != "--price" else ""
+    return f"{cost} at ${s['price_per_hour']:,.2f}/h{assumed}"
 
 
 # ---------------------------------------------------------------- status
@@ -337,7 +399,11 @@ def status_detail(summary: dict[str, Any]):
             ("job", job),
             ("recoveries", str(s["recoveries"] or 0)),
             ("cost so far", f"{_cost_text(s)} over {human_duration(s['job_seconds'])}"),
+            ("lost", _lost_text(s["time"])),
+            ("value", _value_text(s["time"])),
         ]
+    if s["time"]["wall_s"]:
+        rows.insert(3, ("time", _time_text(s["time"])))
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
@@ -457,6 +523,7 @@ def dashboard(path: Path):
                 f"cost so far {_cost_text(s)}"
             )
         )
+        parts.append(Text(f"lost {_lost_text(s['time'])}  {_value_text(s['time'])}"))
     if s["message"]:
         parts.append(Text(s["message"], style=STATE_STYLE.get(s["state"], "")))
     if backends.of(runs.read_record(path)).shows_log:
@@ -540,7 +607,7 @@ def plot(path: Path, out: Path | None = None, logx: bool = False) -> Path:
 
     path = Path(path)
     name = path.name
-    metrics = _metrics(path)
+    metrics = run_metrics(path)
     train = [r for r in metrics if r.get("loss") is not None]
     if not train:
         raise ConfigError(f"run {name} has no metrics yet")

@@ -391,7 +391,18 @@ def test_a_spot_run_preempted_twice_accounts_for_every_second(tmp_path, s3_bucke
     assert acc.tokens == 120 * load_spec_tokens(launched.path) and acc.step == 120
     assert acc.cost == record.price_per_hour * acc.wall_s / 3600
     assert acc.lost_cost == record.price_per_hour * acc.lost_s / 3600
-    print(json.dumps({k: v for k, v in acc.to_dict().items() if k != "spans"}, indent=1))
+
+    # the report says the same: 2 recoveries, the steps redone, the time and money lost, each labelled
+    from orchestrator.report import report_json, write_report
+
+    folder = write_report(launched.path)
+    reported = report_json(folder)
+    assert [(r["resumed_step"], r["redone_steps"]) for r in reported["recoveries"]] == [
+        (r.resumed_step, r.redone_steps) for r in acc.recoveries
+    ]
+    assert reported["lost_s"] == pytest.approx(acc.lost_s) and reported["cost"] == pytest.approx(acc.cost)
+    text = (folder / "report.md").read_text()
+    assert "assumed" in text and all((folder / f).stat().st_size > 10_000 for f in ("cost.png", "loss.png"))
 
 
 def load_spec_tokens(path: Path) -> int:
