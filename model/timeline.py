@@ -5,7 +5,8 @@ launch spent would vanish with it; this file keeps every launch. orchestrator/ac
 the run record's launch times and prices each second. Events (all with "time", unix seconds, this host's
 clock):
 
-    start  a launch reached its first step: began (when its driver started), staging_s, start_step, tokens
+    start  a launch reached its first step: began (when its driver started), staging_s, data_s (the staged
+           data fetched to the node), restore_s (the checkpoint loaded), start_step, tokens
     clock  cumulative seconds of this launch's loop by state (training, evaluating, checkpointing), at a
            step; written at every log step
     interval  checkpoint_every=auto chose an interval: steps, seconds, cost_s (measured or estimated),
@@ -52,8 +53,9 @@ class Clock:
         self.seconds = dict.fromkeys(LOOP_STATES, 0.0)
         self._loop_began = time.time()
 
-    def start(self, step: int, tokens: int) -> None:
-        """The launch's first step is next: from here on its time is the loop's."""
+    def start(self, step: int, tokens: int, data_s: float = 0.0, restore_s: float = 0.0) -> None:
+        """The launch's first step is next: from here on its time is the loop's. data_s: fetching the staged
+        data to this node; restore_s: loading the checkpoint (or the init_from weights)."""
         self._loop_began = time.time()
         began = self.began if self.began is not None else self._loop_began
         self._write(
@@ -63,6 +65,8 @@ class Clock:
                 "staging_s": round(self.staging_s, 3),
                 "start_step": step,
                 "tokens": tokens,
+                "data_s": round(data_s, 3),
+                "restore_s": round(restore_s, 3),
             },
             now=self._loop_began,
         )

@@ -249,7 +249,9 @@ def train(
     )
 
     # Data first: a wrong data.path fails here, before anything is written.
+    fetching = time.perf_counter()
     train_data, val_data = open_data(spec, m.seq_len)
+    data_s = time.perf_counter() - fetching
     if train_data.manifest.vocab_size > m.vocab_size:
         raise ConfigError(
             f"the staged tokenizer has {train_data.manifest.vocab_size} tokens but model.vocab_size is "
@@ -269,7 +271,9 @@ def train(
 
     checkpoints = run_dir / "checkpoints" if checkpoints is None else checkpoints
     state = TrainingState(checkpoints, spec, raw, opt, d, train_data.manifest.tokenizer_sha256, checkpointed)
+    restoring = time.perf_counter()
     start_step = state.restore()
+    restore_s = time.perf_counter() - restoring
     sched = build_scheduler(opt, t, start_step)  # this config's schedule: train.steps may have grown
     if start_step and d.main:
         print(f"resumed from checkpoint at step {start_step}", flush=True)
@@ -306,7 +310,7 @@ def train(
     step = start_step
     tick, tick_step = time.perf_counter(), start_step
     model.train()
-    clock.start(start_step, start_step * t.global_batch_tokens)
+    clock.start(start_step, start_step * t.global_batch_tokens, data_s=data_s, restore_s=restore_s)
     try:
         while step < t.steps:
             step_began = time.perf_counter()

@@ -42,6 +42,13 @@ class Recovery:
     recovery_s: float  # heard -> training again: provisioning, setup, data, checkpoint load
     redone_s: float  # the training time the redone steps had taken
     automatic: bool  # within one job (SkyPilot recovered a preemption); False: `lmctl resume` after a crash
+    # what recovery_s was spent on, measured: the lost nodes' last seconds, provisioning and the task's setup
+    # (heard -> the new driver); staging; the data fetched to the new node; the checkpoint loaded; the rest
+    # (Ray, building the model) is recovery_s minus these
+    nodes_s: float = 0.0
+    staging_s: float = 0.0
+    data_s: float = 0.0
+    restore_s: float = 0.0
 
     @property
     def lost_s(self) -> float:
@@ -210,6 +217,14 @@ class _Launch:
         return float(self.start["time"])
 
     @property
+    def data_s(self) -> float:
+        return float(self.start.get("data_s", 0.0))
+
+    @property
+    def restore_s(self) -> float:
+        return float(self.start.get("restore_s", 0.0))
+
+    @property
     def start_step(self) -> int:
         return int(self.start.get("start_step", 0))
 
@@ -264,6 +279,10 @@ def _recovery(lost: _Launch, new: _Launch, automatic: bool) -> Recovery:
         recovery_s=max(new.time - lost.heard, 0.0),
         redone_s=max(redone_s, 0.0),
         automatic=automatic,
+        nodes_s=max(new.began - lost.heard, 0.0),
+        staging_s=new.staging_s,
+        data_s=new.data_s,
+        restore_s=new.restore_s,
     )
 
 

@@ -472,6 +472,13 @@ def _amount(run: _Run, seconds: float) -> str:
     return _usd(run.acc.dollars(seconds)) if run.priced else f"{seconds / 3600:,.2f}"
 
 
+def _recovery_parts(r) -> str:
+    """'6.1 / 0.2 / 0.1 / 14.8': where a recovery's seconds went, measured (accounting.Recovery)."""
+    data = r.staging_s + r.data_s
+    rest = max(r.recovery_s - r.nodes_s - data - r.restore_s, 0.0)
+    return " / ".join(_num(x, ",.1f") for x in (r.nodes_s, data, r.restore_s, rest))
+
+
 def _recoveries_section(run: _Run) -> list[str]:
     acc = run.acc
     if not run.clocked:
@@ -482,7 +489,8 @@ def _recoveries_section(run: _Run) -> list[str]:
     if not acc.recoveries:
         return ["## Recoveries", "None: no launch was lost."]
     lost = "lost $ (time measured x price assumed)" if run.priced else "lost hours (measured)"
-    header = ["#", "heard last", "resumed step", "last step heard", "redone steps", "recovery s", "redone s"]
+    header = ["#", "heard last", "resumed step", "last step heard", "redone steps", "recovery s"]
+    header += ["of which: nodes + setup / data / checkpoint load / Ray and the rest", "redone s"]
     rows = [
         [
             str(i),
@@ -491,13 +499,14 @@ def _recoveries_section(run: _Run) -> list[str]:
             _num(r.last_step),
             _num(r.redone_steps),
             _num(r.recovery_s),
+            _recovery_parts(r),
             _num(r.redone_s),
             _amount(run, r.lost_s),
             "automatic" if r.automatic else "lmctl resume",
         ]
         for i, r in enumerate(acc.recoveries, 1)
     ]
-    rows.append(["**all**", "", "", "", _num(acc.redone_steps), "", "", _amount(run, acc.lost_s), ""])
+    rows.append(["**all**", "", "", "", _num(acc.redone_steps), "", "", "", _amount(run, acc.lost_s), ""])
     note = (
         "Lost time: an automatic recovery's seconds (SkyPilot recovering a preempted job, all rented) plus "
         "the training time of the steps redone; after a crash and `lmctl resume`, only the redone steps."

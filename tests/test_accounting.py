@@ -26,8 +26,15 @@ def clock(
     }
 
 
-def start(t: float, began: float, staging_s: float, step: int):
-    return {"event": "start", "time": t, "began": began, "staging_s": staging_s, "start_step": step}
+def start(t: float, began: float, staging_s: float, step: int, **measured: float):
+    return {
+        "event": "start",
+        "time": t,
+        "began": began,
+        "staging_s": staging_s,
+        "start_step": step,
+        **measured,
+    }
 
 
 def test_a_job_preempted_once_by_hand():
@@ -38,7 +45,7 @@ def test_a_job_preempted_once_by_hand():
         start(1150, 1100, 20, 0),
         clock(1200, 25, 40),
         clock(1250, 50, 80, 15, 5),
-        start(1430, 1400, 0, 40),
+        start(1430, 1400, 0, 40, data_s=12, restore_s=7),
         clock(1530, 100, 90, 6, 4, end=True),
     ]
     acc = account(events, [[1000.0, 1540.0]], price_per_hour=3.6, plan={"usd_per_btok": 40.0})
@@ -57,6 +64,8 @@ def test_a_job_preempted_once_by_hand():
     assert (r.resumed_step, r.last_step, r.redone_steps, r.automatic) == (40, 50, 10, True)
     # launch 1 trained steps 25 -> 50 in 40 s of training: steps 40 -> 50 took 16 s
     assert r.redone_s == pytest.approx(16) and r.recovery_s == pytest.approx(180)
+    # of which: the lost node's last seconds, new nodes and setup (1250 -> 1400), data 12 s, checkpoint 7 s
+    assert (r.nodes_s, r.data_s, r.restore_s) == (pytest.approx(150), 12, 7)
     assert acc.lost_s == pytest.approx(196)
     assert acc.cost == pytest.approx(3.6 * 540 / 3600) and acc.lost_cost == pytest.approx(3.6 * 196 / 3600)
     assert acc.tokens == 100_000 and acc.usd_per_btok == pytest.approx(0.54 / 100_000 * 1e9)

@@ -378,6 +378,8 @@ def test_a_spot_run_preempted_twice_accounts_for_every_second(tmp_path, s3_bucke
     assert all(r.automatic for r in acc.recoveries)
     for r, waited in zip(acc.recoveries, waits, strict=True):
         assert r.recovery_s >= waited  # the nodes' absence, then setup, Ray, data and the checkpoint load
+        assert r.nodes_s >= waited and r.data_s > 0 and r.restore_s > 0  # each part measured
+        assert r.nodes_s + r.staging_s + r.data_s + r.restore_s <= r.recovery_s
         assert 0 < r.redone_s < r.heard - submitted
     assert acc.lost_s == sum(r.recovery_s + r.redone_s for r in acc.recoveries)
 
