@@ -41,7 +41,7 @@ def append_record(path: str | Path, rec: dict[str, Any]) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All complete lines of a metrics.jsonl."""
+    """All complete lines of a metrics.jsonl (or any JSON-lines file: timeline.jsonl)."""
     out = []
     p = Path(path)
     if p.exists():

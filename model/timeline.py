@@ -25,21 +25,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from model.metrics import read_metrics
+
 TIMELINE = "timeline.jsonl"
 LOOP_STATES = ("training", "evaluating", "checkpointing")
 
 
 def read_timeline(path: str | Path) -> list[dict[str, Any]]:
     """Every complete line of a timeline.jsonl (a line torn by a crash is skipped)."""
-    p = Path(path)
-    events = []
-    if p.exists():
-        for line in p.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return events
+    return read_metrics(path)  # the same JSON lines, read the same way
 
 
 class Clock:

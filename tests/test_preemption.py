@@ -12,6 +12,7 @@ import math
 
 import pytest
 import yaml
+from test_cloud_render import _offline  # noqa: F401 - autouse: no API server, no caller's LMCTL_* or endpoint
 
 from model.config import load_spec, param_count, resolve
 from model.errors import ConfigError
@@ -42,14 +43,6 @@ PRICES = {"prices": {"H100-SXM": {"aws": {"on_demand": 6.0, "spot": 3.0}}}}
 WORK = Workload(params=10**9, vocab_size=32768, token_budget=1e10, hours=100.0, step_s=2.0, nodes=2, world=16)
 C = 12 * 10**9 / 100e6  # one checkpoint: 12 bytes a parameter over 100 MB/s = 120 s
 RECOVERY = 600 + 300 + 1e10 * 2 / 100e6 + C  # provision + setup + 200 s data fetch + 120 s load = 1220 s
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
-    for var in ("LMCTL_STORE", "LMCTL_RUNS_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("LMCTL_CACHE", str(tmp_path / "cache"))
 
 
 def _spot(assume: Assumptions | None = None):
