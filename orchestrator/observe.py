@@ -261,12 +261,18 @@ def _gpus_text(s: dict[str, Any]) -> str:
     return f"{s['gpu']} x {s['nodes']} node(s){' spot' if s['spot'] else ''} on {s['cloud']}"
 
 
+def _billed_text(s: dict[str, Any]) -> str:
+    """'2h 0m (SkyPilot's job time)', or the measured time since launch where SkyPilot gave none."""
+    seconds = s["job_seconds"] if s["job_seconds"] is not None else s["time"]["wall_s"]
+    return f"{human_duration(seconds)} ({s['time']['cost_basis']})"
+
+
 def _cost_text(s: dict[str, Any]) -> str:
     cost = "-" if s["cost_so_far"] is None else f"${s['cost_so_far']:,.2f}"
     if s["price_per_hour"] is None:
         return cost
     source = s["time"]["price_source"]
-    assumed = f", assumed: {source}" if source and source != "--price" else ""
+    assumed = f" (assumed: {source})" if source and source != "--price" else ""
     return f"{cost} at ${s['price_per_hour']:,.2f}/h{assumed}"
 
 
@@ -398,7 +404,7 @@ def status_detail(summary: dict[str, Any]):
             ("gpus", _gpus_text(s)),
             ("job", job),
             ("recoveries", str(s["recoveries"] or 0)),
-            ("cost so far", f"{_cost_text(s)} over {human_duration(s['job_seconds'])}"),
+            ("cost so far", f"{_cost_text(s)} over {_billed_text(s)}"),
             ("lost", _lost_text(s["time"])),
             ("value", _value_text(s["time"])),
         ]
