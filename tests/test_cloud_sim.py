@@ -93,7 +93,7 @@ def hub_repo(tmp_path: Path, files: int = 6) -> Path:
     return tmp_path / "hub"
 
 
-@pytest.mark.parametrize("gpu, nodes", [("L40S:2", 1), ("L40S", 2)], ids=["1-node", "2-node"])
+@pytest.mark.parametrize("gpu, nodes", [("L40S", 2)], ids=["2-node"])  # 1 node: the spot test below
 def test_a_cloud_run_trains_into_the_bucket_and_survives_a_preemption(
     tmp_path, s3_bucket, sky_jobs, gpu, nodes
 ):
@@ -360,6 +360,10 @@ def test_a_spot_run_preempted_twice_accounts_for_every_second(tmp_path, s3_bucke
         sim.kill()
     assert "finished: finished at step 120" in log, log
     assert len(resumed) == 2, resumed
+    assert task.num_nodes == 1 and launched.record.workers == 2 and "starting 2 CPU workers" in log
+    metrics = bucket_metrics(s3_bucket, "spot2")  # one history, as if never preempted
+    assert [r["step"] for r in metrics if "loss" in r] == list(range(5, 121, 5))
+    assert [r["step"] for r in metrics if "val_loss" in r] == list(range(20, 121, 20))
 
     # SkyPilot's side at its boundary: the job ended when the head exited
     monkeypatch.setattr(
