@@ -51,7 +51,7 @@ STAGES: list[tuple[str, int]] = [
     ("rtx5090", 60),
     ("pytest", 90),
     ("resume", 100),
-    ("stall", 60),
+    ("stall", 80),
     ("generate", 60),
 ]
 # 1b throughput variants: (activation checkpointing, micro-batch, compiled, precision), most telling first:
@@ -801,6 +801,22 @@ def stage_stall(args, rec: Recorder) -> None:
         rec["store_bytes_kept"] = state_bytes
         a, b = rec.data["no_saves"], rec.data["save_every_4"]
         rec["stall_per_save_s"] = (b["excess_s"] - a["excess_s"]) / 2  # saves at 4 and 8 fall inside the log
+        rec["auto"] = auto_interval(args, base, Path(tmp) / "auto")
+
+
+def auto_interval(args, base: list[str], run: Path) -> dict:
+    """checkpoint_every=auto on this device: the commit time the loop measured, the interval it chose from
+    it (a short MTBF so it chooses within 10 steps), and the loop's seconds by state (model/timeline.py)."""
+    from model.timeline import read_timeline
+    from model.train import train
+
+    spec = one_b(args, *base, "train.checkpoint_every=auto", "train.mtbf_hours=0.01")
+    train(spec, run, device=_device(args), checkpoints=f"file://{run / 'store'}")
+    events = read_timeline(run / "timeline.jsonl")
+    return {
+        "intervals": [e for e in events if e["event"] == "interval"],
+        "end": next((e for e in reversed(events) if e["event"] == "end"), None),
+    }
 
 
 def stage_generate(args, rec: Recorder) -> None:

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 MAX_INTERVAL_S = 3600.0  # at most an hour of work between checkpoints, whatever the rate says
+STEADY = 0.25  # AutoCheckpoints keeps its interval while a new one is within this share of it
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,19 @@ class AutoCheckpoints:
         return self.measured_s if self.measured_s is not None else self.estimate_s
 
     def update(self, step_s: float) -> bool:
-        """Re-derive the interval in steps from the step time; True when it changed."""
+        """Re-derive the interval in steps from the step time; True when it changed. Step times jitter, so
+        an interval within STEADY of the current one is kept (unless the cost itself changed)."""
         every: int | None
         if self.cost_s is None:  # nothing known: one save at once, to measure; none more until it commits
             every = None if self.measuring else 1
             self.measuring = True
         else:
-            self.interval = choose(self.cost_s, self.mtbf_s, self.max_s)
-            every = self.interval.steps(step_s)
+            interval = choose(self.cost_s, self.mtbf_s, self.max_s)
+            every = interval.steps(step_s)
+            same_cost = self.interval is not None and self.interval.cost_s == interval.cost_s
+            if same_cost and self.every is not None and abs(every - self.every) <= STEADY * self.every:
+                return False
+            self.interval = interval
         changed, self.every = every != self.every, every
         return changed
 

@@ -116,6 +116,8 @@ def test_auto_checkpoints_measure_first_then_keep_the_first_measurement():
     auto.update(step_s=2.0)
     assert auto.cost_s == 8.0 and auto.every == round(math.sqrt(2 * 8 * 3600) / 2.0) == 120
     assert not auto.due(120) and auto.due(121)
+    assert not auto.update(step_s=2.2) and auto.every == 120  # 109 steps: within 25%, jitter, kept
+    assert auto.update(step_s=4.0) and auto.every == 60  # the steps got slower: half as many
 
 
 @pytest.mark.slow
