@@ -12,9 +12,7 @@ anything else, is refused in one line.
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from safetensors.torch import save_file
 from model.config import ModelConfig
 from model.decoder import Decoder
 from model.errors import ConfigError, make_parent_folder
-from model.faults import fault_point
+from model.folders import clear_leftovers, move_into_place, new_sibling
 
 EOT = "<|endoftext|>"
 MARKER = "lmctl_export.json"  # in every export: what it holds, and the sign that it is ours to replace
@@ -156,37 +154,6 @@ def check_export_target(out_dir: str | Path, force: bool = False) -> Path:
     return out
 
 
-def _new_sibling(out: Path, kind: str) -> Path:
-    """A fresh hidden name next to `out` (same filesystem, so renames between them are atomic)."""
-    return out.parent / f".{out.name}.{kind}-{uuid.uuid4().hex[:8]}"
-
-
-def _clear_leftovers(out: Path) -> None:
-    """Hidden siblings that an export of `out` killed half-way left (_new_sibling's names, nothing else)."""
-    ours = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-[0-9a-f]{{8}}")
-    for p in out.parent.iterdir():
-        if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """`tmp` becomes `out` by renames only. A previous export there is renamed aside first and removed last,
-    so a crash at any instant leaves the old or the new export whole (the old one as .<name>.old-*)."""
-    if export_origin(out) is None:
-        tmp.rename(out)  # a new path, or an empty folder (rename replaces an empty folder, never a full one)
-        return
-    old = _new_sibling(out, "old")
-    out.rename(old)
-    fault_point("export.replace")  # 1: the old export aside, the new one not in yet (crash tests)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)  # the previous export goes back where it was
-        raise
-    fault_point("export.replace")  # 2: the new export in, the old one not removed yet
-    shutil.rmtree(old)
-
-
 def export_hf(
     state_dict: dict[str, torch.Tensor],
     cfg: ModelConfig,
@@ -204,7 +171,7 @@ def export_hf(
     tensors = hf_state_dict(state_dict, cfg)
     dtype = tensors["model.embed_tokens.weight"].dtype
     make_parent_folder(out)
-    tmp = _new_sibling(out, "tmp")
+    tmp = new_sibling(out, "tmp")
     try:
         tmp.mkdir()
     except OSError as e:
@@ -227,9 +194,9 @@ def export_hf(
             }
             _write_json(tmp / "tokenizer_config.json", tok_cfg)
         _write_json(tmp / MARKER, {"format": MARKER_FORMAT, **(origin or {})})
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out, fault="export.replace")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _clear_leftovers(out)
+    clear_leftovers(out)
     return out

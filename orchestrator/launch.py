@@ -578,18 +578,17 @@ def _hardware_of(record: runs.RunRecord) -> Hardware:
 
 STOP_MARGIN_S = 60.0  # processes exiting, Ray shutting down, a slow first step
 STOP_MIN_WAIT_S = 120.0
-ASSUMED_WRITE_BPS = 100e6  # checkpoint writes before one was measured: a slow disk or bucket
 
 
 def stop_wait_s(path: Path, record: runs.RunRecord) -> float:
     """How long `stop` lets a run finish its step and checkpoint before killing it: a store poll (cloud), two
     of its steps and two of its checkpoints as measured in metrics.jsonl, and a margin; at least 2 minutes.
 
-    Before a checkpoint was measured, its time is estimated from the state's size (fp32 weights and AdamW's
-    two moments, 12 bytes a parameter) at ASSUMED_WRITE_BPS.
+    Before a checkpoint was measured, its time is the plan's estimate (preemption.checkpoint_cost_s: the
+    state's size at the store bandwidth configs/pricing/preemption.yaml assumes).
     """
-    from model.config import param_count
     from model.metrics import read_metrics
+    from orchestrator import preemption
 
     recs = read_metrics(path / runs.METRICS) if (path / runs.METRICS).exists() else []
     rates = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
@@ -598,7 +597,8 @@ def stop_wait_s(path: Path, record: runs.RunRecord) -> float:
     ckpt_s = max((r["checkpoint_s"] for r in recs if r.get("checkpoint_s") is not None), default=None)
     if ckpt_s is None:
         try:
-            ckpt_s = 12 * param_count(load_spec(path / runs.CONFIG).model) / ASSUMED_WRITE_BPS
+            model, bandwidth = load_spec(path / runs.CONFIG).model, preemption.load_table()["store_mb_per_s"]
+            ckpt_s = preemption.checkpoint_cost_s(model, bandwidth)
         except ConfigError:
             ckpt_s = 0.0
     poll = 0.0 if record.store.startswith("file://") else runs.STOP_POLL_S  # as runs.StopRequest polls

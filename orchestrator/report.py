@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from model.errors import ConfigError, make_parent_folder
+from model.folders import clear_leftovers, move_into_place, new_sibling
 from model.timeline import LOOP_STATES
 from orchestrator import accounting, observe, runs
 from orchestrator.accounting import STATES, Accounting
@@ -105,10 +104,11 @@ def write_report(path: Path, out: Path | None = None) -> Path:
     tmp = _temp_sibling(out)
     try:
         _write_into(run, tmp)
-        _publish(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    clear_leftovers(out)  # what a killed report left beside it
     return out
 
 
@@ -184,21 +184,12 @@ def _check_replaceable(out: Path) -> None:
 
 def _temp_sibling(out: Path) -> Path:
     make_parent_folder(out)
+    tmp = new_sibling(out, "tmp")
     try:
-        return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        tmp.mkdir()
     except OSError as e:
         raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """The new folder in place of the old one: two renames, the old one removed after."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return tmp
 
 
 def _write_into(run: _Run, folder: Path) -> None:
